@@ -1,0 +1,553 @@
+"""The one module that talks to nats-py.
+
+Everything else in the bridge speaks to NATS through ``Connection`` and sees only our own
+exceptions (``jetstream_bridge.core.errors``) and plain data. JetStream management calls go to
+the JSON API directly (``$JS.API.*``) so a stream update can send back the server's complete
+config with only the subject list changed: nats-py's dataclasses drop fields they do not know,
+which would silently reset them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg as NatsMsg
+
+from .core.config import BridgeConfig, redact_url
+from .core.errors import (
+    AuthenticationFailed,
+    ConsumerNotFound,
+    JetStreamApiError,
+    NatsError,
+    NatsUnavailable,
+    PublishFailed,
+    StreamNotFound,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+ERR_STREAM_NOT_FOUND = 10059
+ERR_CONSUMER_NOT_FOUND = 10014
+ERR_NO_MESSAGE_FOUND = 10037
+
+_CREDENTIALS_IN_TEXT = re.compile(r"(\w+://)[^/@\s]+@")
+
+
+def scrub(text: str) -> str:
+    """Remove credentials that an underlying error message may have copied from a URL."""
+    return _CREDENTIALS_IN_TEXT.sub(r"\1***@", text)
+
+
+@dataclass(frozen=True)
+class PubAck:
+    """The stream's answer to a publish."""
+
+    stream: str
+    seq: int
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    version: str
+    max_payload: int
+    server_name: str
+    connected_url: str
+
+
+class Delivery:
+    """A message delivered by a pull consumer, with the ack verbs the bridge uses."""
+
+    __slots__ = ("_conn", "_reply", "consumer", "data", "deliveries", "headers", "pending",
+                 "stream", "stream_seq", "subject")
+
+    def __init__(self, conn: Connection, msg: NatsMsg) -> None:
+        meta = msg.metadata
+        self._conn = conn
+        self._reply: str = msg.reply
+        self.subject: str = msg.subject
+        self.data: bytes = msg.data
+        self.headers: dict[str, str] = dict(msg.headers or {})
+        self.stream: str = meta.stream
+        self.consumer: str = meta.consumer
+        self.stream_seq: int = meta.sequence.stream
+        self.deliveries: int = meta.num_delivered
+        self.pending: int = meta.num_pending
+
+    def __repr__(self) -> str:
+        return (f"Delivery(subject={self.subject!r}, stream={self.stream!r}, "
+                f"seq={self.stream_seq}, deliveries={self.deliveries})")
+
+    async def ack(self) -> None:
+        await self._conn._reply_to(self._reply, b"+ACK")
+
+    async def nak(self, delay: float = 0.0) -> None:
+        """Negatively acknowledge; with ``delay`` the server waits that long to redeliver."""
+        body = b"-NAK"
+        if delay > 0:
+            body += b" " + json.dumps({"delay": round(delay * 1e9)}).encode()
+        await self._conn._reply_to(self._reply, body)
+
+    async def term(self, reason: str = "") -> None:
+        """Stop redelivery for good; the reason shows up in the server's advisory."""
+        body = b"+TERM"
+        if reason:
+            body += b" " + reason.replace("\n", " ")[:200].encode()
+        await self._conn._reply_to(self._reply, body)
+
+    async def in_progress(self) -> None:
+        """Reset the server's ack timer for a message whose handler is still running."""
+        await self._conn._reply_to(self._reply, b"+WPI")
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """A message read back from a stream by sequence."""
+
+    subject: str
+    seq: int
+    data: bytes
+    headers: dict[str, str]
+    time: str
+
+
+def _tls_context(config: BridgeConfig) -> ssl.SSLContext | None:
+    if not (config.tls_ca_file or config.tls_cert_file):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=config.tls_ca_file)
+    if config.tls_cert_file and config.tls_key_file:
+        context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+    return context
+
+
+def _auth_options(config: BridgeConfig) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if config.user and config.password:
+        options["user"] = config.user
+        options["password"] = config.password.reveal()
+    if config.token:
+        options["token"] = config.token.reveal()
+    if config.nkey_seed:
+        options["nkeys_seed_str"] = config.nkey_seed.reveal()
+    if config.creds_file:
+        options["user_credentials"] = config.creds_file
+    tls = _tls_context(config)
+    if tls is not None:
+        options["tls"] = tls
+    return options
+
+
+def _api_error(error: Mapping[str, Any]) -> JetStreamApiError:
+    err_code = int(error.get("err_code") or 0)
+    kind: type[JetStreamApiError] = JetStreamApiError
+    if err_code == ERR_STREAM_NOT_FOUND:
+        kind = StreamNotFound
+    elif err_code == ERR_CONSUMER_NOT_FOUND:
+        kind = ConsumerNotFound
+    return kind(str(error.get("description", "unknown error")), code=int(error.get("code") or 0),
+                err_code=err_code)
+
+
+class Connection:
+    """One NATS connection with the JetStream operations the bridge needs.
+
+    It is bound to the event loop it connected on; sync code reaches it through
+    ``jetstream_bridge.runtime``.
+    """
+
+    def __init__(self, config: BridgeConfig) -> None:
+        self.config = config
+        self._nc: NatsClient | None = None
+        self._connect_lock = asyncio.Lock()
+        self._last_error: BaseException | None = None
+        self._subscriptions: dict[tuple[str, str], Any] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def is_connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    @property
+    def urls_for_humans(self) -> str:
+        return ", ".join(self.config.redacted_urls)
+
+    async def connect(self) -> None:
+        """Connect once; fail within ``CONNECT_TIMEOUT`` with an error naming the server.
+
+        After the first success the client reconnects forever on its own: a restarted server
+        or a cluster failover must not need a process restart.
+        """
+        async with self._connect_lock:
+            if self._nc is not None and not self._nc.is_closed:
+                return
+            self._nc = await self._open()
+
+    async def _open(self) -> NatsClient:
+        config = self.config
+        auth_failed = asyncio.Event()
+
+        async def on_error(exc: Exception) -> None:
+            self._last_error = exc
+            if isinstance(exc, (nats.errors.AuthorizationError, ssl.SSLError)):
+                auth_failed.set()
+            logger.warning("nats error: %s", scrub(str(exc) or type(exc).__name__),
+                           extra={"servers": self.urls_for_humans})
+
+        async def on_disconnected() -> None:
+            logger.warning("nats disconnected", extra={"servers": self.urls_for_humans})
+
+        async def on_reconnected() -> None:
+            logger.info("nats reconnected", extra={"servers": self.urls_for_humans})
+
+        nc = NatsClient()
+        connect = asyncio.ensure_future(nc.connect(
+            servers=list(config.nats_urls),
+            name=config.connection_name,
+            error_cb=on_error,
+            disconnected_cb=on_disconnected,
+            reconnected_cb=on_reconnected,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=max(1, round(config.connect_timeout)),
+            **_auth_options(config),
+        ))
+        watcher = asyncio.ensure_future(auth_failed.wait())
+        done, _ = await asyncio.wait({connect, watcher}, timeout=config.connect_timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        watcher.cancel()
+        if connect in done and connect.exception() is None:
+            logger.info("nats connected", extra={"servers": self.urls_for_humans,
+                                                 "server_version": nc.connected_server_version})
+            return nc
+        connect.cancel()
+        await asyncio.gather(connect, watcher, return_exceptions=True)
+        await self._close_quietly(nc)
+        cause = connect.exception() if connect.done() and not connect.cancelled() else None
+        cause = cause or self._last_error
+        reason = scrub(str(cause) or type(cause).__name__) if cause else "no answer"
+        if auth_failed.is_set():
+            raise AuthenticationFailed(
+                f"NATS at {self.urls_for_humans} refused the connection: {reason}. Check USER/"
+                "PASSWORD, TOKEN, NKEY_SEED, CREDS_FILE or the TLS files in JETSTREAM_BRIDGE."
+            ) from None
+        raise NatsUnavailable(
+            f"could not connect to NATS at {self.urls_for_humans} within "
+            f"{config.connect_timeout:g}s ({reason}). Is the server running and NATS_URLS right?"
+        ) from None
+
+    @staticmethod
+    async def _close_quietly(nc: NatsClient) -> None:
+        try:
+            await asyncio.wait_for(nc.close(), timeout=2)
+        except Exception:  # noqa: BLE001 - closing a half-open client must never mask the cause
+            logger.debug("ignored error while closing a failed nats client", exc_info=True)
+
+    async def close(self) -> None:
+        """Flush what is buffered and close; safe to call twice."""
+        nc, self._nc = self._nc, None
+        self._subscriptions.clear()
+        if nc is None or nc.is_closed:
+            return
+        try:
+            if nc.is_connected:
+                await asyncio.wait_for(nc.flush(), timeout=2)
+        except Exception:  # noqa: BLE001
+            logger.debug("flush before close failed", exc_info=True)
+        await self._close_quietly(nc)
+
+    async def _client(self) -> NatsClient:
+        if self._nc is None or self._nc.is_closed:
+            await self.connect()
+        assert self._nc is not None
+        return self._nc
+
+    @asynccontextmanager
+    async def _translated(self, what: str) -> Any:
+        try:
+            yield
+        except (JetStreamApiError, NatsError):
+            raise
+        except nats.errors.NoRespondersError as exc:
+            raise NatsError(
+                f"{what}: no responders; is JetStream enabled on {self.urls_for_humans}?"
+            ) from exc
+        except (nats.errors.TimeoutError, asyncio.TimeoutError) as exc:
+            raise NatsUnavailable(f"{what}: timed out talking to {self.urls_for_humans}") from exc
+        except nats.errors.AuthorizationError as exc:
+            raise AuthenticationFailed(f"{what}: authorization violation") from exc
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
+                nats.errors.StaleConnectionError, nats.errors.OutboundBufferLimitError,
+                OSError) as exc:
+            raise NatsUnavailable(f"{what}: connection to {self.urls_for_humans} unavailable "
+                                  f"({type(exc).__name__})") from exc
+        except nats.errors.MaxPayloadError as exc:
+            raise PublishFailed(f"{what}: message larger than the server's max payload") from exc
+        except nats.errors.Error as exc:
+            raise NatsError(f"{what}: {scrub(str(exc))}") from exc
+
+    # -- server ------------------------------------------------------------------------------
+
+    async def server_info(self) -> ServerInfo:
+        nc = await self._client()
+        url = nc.connected_url
+        return ServerInfo(
+            version=nc.connected_server_version.__str__() if nc.is_connected else "",
+            max_payload=nc.max_payload,
+            server_name=str((nc._server_info or {}).get("server_name", "")),
+            connected_url=redact_url(url.geturl()) if url else "",
+        )
+
+    async def max_payload(self) -> int:
+        nc = await self._client()
+        return int(nc.max_payload)
+
+    async def round_trip(self) -> float:
+        """Return the seconds one PING/PONG takes."""
+        nc = await self._client()
+        started = time.perf_counter()
+        async with self._translated("ping"):
+            await nc.flush(timeout=max(1, round(self.config.request_timeout)))
+        return time.perf_counter() - started
+
+    # -- JetStream API -----------------------------------------------------------------------
+
+    async def api(self, endpoint: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Call ``$JS.API.<endpoint>`` and return the JSON answer; raise on an API error."""
+        nc = await self._client()
+        data = json.dumps(body).encode() if body is not None else b""
+        async with self._translated(f"JetStream API {endpoint.split('.')[0]}"):
+            reply = await nc.request(f"$JS.API.{endpoint}", data,
+                                     timeout=self.config.request_timeout)
+        answer: dict[str, Any] = json.loads(reply.data)
+        if "error" in answer:
+            raise _api_error(answer["error"])
+        return answer
+
+    async def stream_info(self, stream: str) -> dict[str, Any] | None:
+        """Return the stream's info (``config`` and ``state``), or ``None`` when absent."""
+        try:
+            return await self.api(f"STREAM.INFO.{stream}")
+        except StreamNotFound:
+            return None
+
+    async def create_stream(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        return await self.api(f"STREAM.CREATE.{config['name']}", config)
+
+    async def update_stream(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        return await self.api(f"STREAM.UPDATE.{config['name']}", config)
+
+    async def delete_stream(self, stream: str) -> None:
+        await self.api(f"STREAM.DELETE.{stream}")
+
+    async def purge_stream(self, stream: str, subject: str | None = None) -> int:
+        body = {"filter": subject} if subject else None
+        answer = await self.api(f"STREAM.PURGE.{stream}", body)
+        return int(answer.get("purged", 0))
+
+    async def stream_names(self, subject: str | None = None) -> list[str]:
+        """Return the names of all streams, or of those whose subjects collide with ``subject``.
+
+        The server answers the subject question itself, so this never trusts a stale cache.
+        """
+        names: list[str] = []
+        offset = 0
+        while True:
+            body: dict[str, Any] = {"offset": offset}
+            if subject:
+                body["subject"] = subject
+            answer = await self.api("STREAM.NAMES", body)
+            page = answer.get("streams") or []
+            names.extend(page)
+            offset += len(page)
+            if not page or offset >= int(answer.get("total", 0)):
+                return names
+
+    async def consumer_info(self, stream: str, durable: str) -> dict[str, Any] | None:
+        try:
+            return await self.api(f"CONSUMER.INFO.{stream}.{durable}")
+        except ConsumerNotFound:
+            return None
+
+    async def create_consumer(self, stream: str, config: Mapping[str, Any], *,
+                              action: str = "") -> dict[str, Any]:
+        """Create (``action="create"``), update (``"update"``) or upsert (``""``) a durable."""
+        body: dict[str, Any] = {"stream_name": stream, "config": dict(config)}
+        if action:
+            body["action"] = action
+        name = config["durable_name"]
+        return await self.api(f"CONSUMER.CREATE.{stream}.{name}", body)
+
+    async def delete_consumer(self, stream: str, durable: str) -> None:
+        await self.api(f"CONSUMER.DELETE.{stream}.{durable}")
+
+    async def consumer_names(self, stream: str) -> list[str]:
+        answer = await self.api(f"CONSUMER.NAMES.{stream}", {"offset": 0})
+        return list(answer.get("consumers") or [])
+
+    async def get_message(self, stream: str, seq: int) -> StoredMessage | None:
+        """Read one stored message by stream sequence, or ``None`` when it is gone."""
+        try:
+            answer = await self.api(f"STREAM.MSG.GET.{stream}", {"seq": seq})
+        except JetStreamApiError as exc:
+            if exc.err_code == ERR_NO_MESSAGE_FOUND:
+                return None
+            raise
+        return self._stored(answer["message"])
+
+    async def next_message(self, stream: str, seq: int, subject: str) -> StoredMessage | None:
+        """Read the first message at or after ``seq`` on ``subject``, or ``None``."""
+        try:
+            answer = await self.api(f"STREAM.MSG.GET.{stream}",
+                                    {"seq": seq, "next_by_subj": subject})
+        except JetStreamApiError as exc:
+            if exc.err_code == ERR_NO_MESSAGE_FOUND:
+                return None
+            raise
+        return self._stored(answer["message"])
+
+    async def delete_message(self, stream: str, seq: int) -> None:
+        await self.api(f"STREAM.MSG.DELETE.{stream}", {"seq": seq, "no_erase": True})
+
+    @staticmethod
+    def _stored(message: Mapping[str, Any]) -> StoredMessage:
+        import base64
+
+        headers: dict[str, str] = {}
+        raw_headers = message.get("hdrs")
+        if raw_headers:
+            lines = base64.b64decode(raw_headers).decode("utf-8", "replace").split("\r\n")
+            for line in lines[1:]:
+                if ":" in line:
+                    key, _, value = line.partition(":")
+                    headers[key.strip()] = value.strip()
+        return StoredMessage(
+            subject=message["subject"],
+            seq=int(message["seq"]),
+            data=base64.b64decode(message.get("data") or b""),
+            headers=headers,
+            time=str(message.get("time", "")),
+        )
+
+    # -- publishing --------------------------------------------------------------------------
+
+    async def publish(self, subject: str, data: bytes, headers: Mapping[str, str] | None = None,
+                      *, timeout: float | None = None) -> PubAck:
+        """Publish to JetStream and wait for the stream's ack."""
+        nc = await self._client()
+        async with self._translated(f"publish to {subject}"):
+            try:
+                reply = await nc.request(subject, data, timeout=timeout or
+                                         self.config.request_timeout,
+                                         headers=dict(headers) if headers else None)
+            except nats.errors.NoRespondersError as exc:
+                raise PublishFailed(
+                    f"no stream captures subject {subject!r}; run "
+                    "`manage.py jetstream_ensure_topology`"
+                ) from exc
+        answer = json.loads(reply.data)
+        if "error" in answer:
+            error = _api_error(answer["error"])
+            raise PublishFailed(f"publish to {subject} rejected: {error}") from error
+        return PubAck(stream=answer["stream"], seq=int(answer["seq"]),
+                      duplicate=bool(answer.get("duplicate", False)))
+
+    async def publish_many(
+        self,
+        items: Sequence[tuple[str, bytes, Mapping[str, str] | None]],
+        *,
+        max_in_flight: int = 256,
+        timeout: float | None = None,
+    ) -> list[PubAck | Exception]:
+        """Publish many messages with up to ``max_in_flight`` acks outstanding.
+
+        Each publish has its own timeout, so one unanswered ack cannot hang the batch; the
+        result list matches ``items`` and holds an exception where that publish failed.
+        """
+        gate = asyncio.Semaphore(max_in_flight)
+
+        async def one(subject: str, data: bytes, headers: Mapping[str, str] | None
+                      ) -> PubAck | Exception:
+            async with gate:
+                try:
+                    return await self.publish(subject, data, headers, timeout=timeout)
+                except (PublishFailed, NatsError) as exc:
+                    return exc
+
+        return list(await asyncio.gather(*(one(*item) for item in items)))
+
+    async def publish_core(self, subject: str, data: bytes) -> None:
+        """Publish a plain NATS message (no stream ack); used for replies and wake-ups."""
+        nc = await self._client()
+        async with self._translated(f"publish to {subject}"):
+            await nc.publish(subject, data)
+
+    # -- consuming ---------------------------------------------------------------------------
+
+    async def fetch(self, stream: str, durable: str, batch: int, timeout: float
+                    ) -> list[Delivery]:
+        """Pull up to ``batch`` messages, waiting at most ``timeout`` when none are ready."""
+        nc = await self._client()
+        key = (stream, durable)
+        sub = self._subscriptions.get(key)
+        if sub is None:
+            async with self._translated(f"bind to consumer {durable}"):
+                sub = await nc.jetstream().pull_subscribe_bind(durable=durable, stream=stream)
+            self._subscriptions[key] = sub
+        try:
+            async with self._translated(f"fetch from {durable}"):
+                msgs = await sub.fetch(batch, timeout=timeout)
+        except NatsUnavailable as exc:
+            if isinstance(exc.__cause__, (nats.errors.TimeoutError, asyncio.TimeoutError)) \
+                    and nc.is_connected:
+                return []  # nothing arrived within the long poll
+            raise
+        except NatsError as exc:
+            if isinstance(exc.__cause__, nats.js.errors.APIError):
+                cause = exc.__cause__
+                if cause.code == 404 or cause.code == 409:
+                    self._subscriptions.pop(key, None)
+                    raise ConsumerNotFound(str(cause.description), code=cause.code or 0) from exc
+            raise
+        return [Delivery(self, msg) for msg in msgs]
+
+    async def _reply_to(self, reply: str, body: bytes) -> None:
+        nc = await self._client()
+        async with self._translated("acknowledge"):
+            await nc.publish(reply, body)
+
+    async def flush(self) -> None:
+        nc = await self._client()
+        async with self._translated("flush"):
+            await nc.flush(timeout=max(1, round(self.config.request_timeout)))
+
+    # -- plain subscriptions (tests, DLQ tooling) --------------------------------------------
+
+    async def subscribe(self, subject: str, callback: Callable[[str, bytes, dict[str, str]],
+                                                                  Awaitable[None]]) -> Any:
+        nc = await self._client()
+
+        async def handle(msg: NatsMsg) -> None:
+            await callback(msg.subject, msg.data, dict(msg.headers or {}))
+
+        async with self._translated(f"subscribe to {subject}"):
+            return await nc.subscribe(subject, cb=handle)
+
+
+__all__ = ["Connection", "Delivery", "PubAck", "ServerInfo", "StoredMessage", "scrub"]

@@ -1,0 +1,1 @@
+"""Django-free and nats-free building blocks: subjects, durations, envelope, config, topology."""

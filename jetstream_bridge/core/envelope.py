@@ -1,0 +1,157 @@
+"""The event envelope: build, encode, decode and validate.
+
+An envelope is a plain ``dict`` so handlers receive exactly what went over the wire::
+
+    {"event_id": "...", "schema_version": 1, "event_type": "created", "producer": "orders",
+     "resource_type": "order", "resource_id": "42", "occurred_at": "2025-08-13T21:00:00Z",
+     "trace_id": "...", "payload": {...}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+import uuid
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from .errors import InvalidEvent, MalformedEnvelope
+
+SCHEMA_VERSION = 1
+MSG_ID_HEADER = "Nats-Msg-Id"  # case matters: the server dedupes on this exact name
+REQUIRED_FIELDS = ("event_id", "event_type", "resource_type", "payload")
+MAX_DEPTH = 64  # deeper payloads are almost always a bug or an attack on the decoder
+MAX_ID_LENGTH = 255  # fits the event_id column
+
+Envelope = dict[str, Any]
+
+
+def new_event_id() -> str:
+    """Return a time-ordered UUIDv7 string (RFC 9562): sorts by creation time, unique."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(secrets.token_bytes(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76  # version 7
+    value |= ((rand >> 62) & 0xFFF) << 64  # rand_a, 12 bits
+    value |= 0b10 << 62  # RFC 4122 variant
+    value |= rand & ((1 << 62) - 1)  # rand_b, 62 bits
+    return str(uuid.UUID(int=value))
+
+
+def new_trace_id() -> str:
+    return os.urandom(16).hex()
+
+
+def _format_time(value: datetime | str | None) -> str:
+    if value is None:
+        value = datetime.now(timezone.utc)
+    if isinstance(value, str):
+        try:
+            datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise InvalidEvent(f"occurred_at {value!r} is not an ISO-8601 timestamp") from exc
+        return value
+    if value.tzinfo is None:
+        raise InvalidEvent("occurred_at must be timezone-aware (use django.utils.timezone.now())")
+    text = value.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Return the nesting depth of ``value`` without recursing (stops counting past ``limit``)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                return deepest
+        if isinstance(item, Mapping):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+def _require_text(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidEvent(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def build_envelope(
+    *,
+    producer: str,
+    resource_type: str,
+    event_type: str,
+    payload: Mapping[str, Any],
+    event_id: str | None = None,
+    trace_id: str | None = None,
+    occurred_at: datetime | str | None = None,
+    resource_id: str | None = None,
+) -> Envelope:
+    """Build and validate an envelope; raise ``InvalidEvent`` saying what to fix."""
+    _require_text("resource_type", resource_type)
+    _require_text("event_type", event_type)
+    if not isinstance(payload, Mapping):
+        raise InvalidEvent(f"payload must be a dict, got {type(payload).__name__}")
+    if event_id is None:
+        event_id = new_event_id()
+    _require_text("event_id", event_id)
+    if len(event_id) > MAX_ID_LENGTH:
+        raise InvalidEvent(f"event_id is longer than {MAX_ID_LENGTH} characters")
+    if _depth(payload, MAX_DEPTH) > MAX_DEPTH:
+        raise InvalidEvent(f"payload is nested deeper than {MAX_DEPTH} levels")
+    if resource_id is None and payload.get("id") is not None:
+        resource_id = str(payload["id"])
+    return {
+        "event_id": event_id,
+        "schema_version": SCHEMA_VERSION,
+        "event_type": event_type,
+        "producer": producer,
+        "resource_type": resource_type,
+        "resource_id": resource_id,
+        "occurred_at": _format_time(occurred_at),
+        "trace_id": trace_id or new_trace_id(),
+        "payload": dict(payload),
+    }
+
+
+def encode(envelope: Mapping[str, Any]) -> bytes:
+    """Encode an envelope as compact UTF-8 JSON; raise ``InvalidEvent`` if it cannot be."""
+    try:
+        text = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidEvent(
+            f"payload is not JSON-serialisable ({exc}); convert dates, decimals and model "
+            "instances to strings or numbers first"
+        ) from exc
+    return text.encode("utf-8")
+
+
+def decode(data: bytes) -> Envelope:
+    """Decode and validate a received envelope; raise ``MalformedEnvelope`` with the reason."""
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MalformedEnvelope(f"body is not JSON: {exc.__class__.__name__}") from exc
+    if not isinstance(value, dict):
+        raise MalformedEnvelope(f"body is a JSON {type(value).__name__}, not an object")
+    missing = [name for name in REQUIRED_FIELDS if name not in value]
+    if missing:
+        raise MalformedEnvelope(f"missing required field(s): {', '.join(missing)}")
+    for name in ("event_id", "event_type", "resource_type"):
+        field = value[name]
+        if not isinstance(field, str) or not field.strip():
+            raise MalformedEnvelope(f"{name} must be a non-empty string")
+    if len(value["event_id"]) > MAX_ID_LENGTH:
+        raise MalformedEnvelope(f"event_id is longer than {MAX_ID_LENGTH} characters")
+    if not isinstance(value["payload"], dict):
+        raise MalformedEnvelope("payload must be a JSON object")
+    if _depth(value["payload"], MAX_DEPTH) > MAX_DEPTH:
+        raise MalformedEnvelope(f"payload is nested deeper than {MAX_DEPTH} levels")
+    return value

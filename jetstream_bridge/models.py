@@ -1,0 +1,139 @@
+"""Outbox and inbox tables.
+
+Column names follow the Ruby gem's generator so data and dashboards carry over. Unique keys on
+nullable columns are plain (not partial) constraints on purpose: PostgreSQL, SQLite and
+MySQL/MariaDB all treat NULLs as distinct there, which gives the seed's ``WHERE ... IS NOT NULL``
+semantics on every backend, including MySQL, which has no partial indexes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from django.db import models
+from django.utils import timezone
+
+
+class OutboxStatus(models.TextChoices):
+    PENDING = "pending", "pending"
+    PUBLISHING = "publishing", "publishing"
+    SENT = "sent", "sent"
+    FAILED = "failed", "failed"
+
+
+class InboxStatus(models.TextChoices):
+    RECEIVED = "received", "received"
+    PROCESSING = "processing", "processing"
+    PROCESSED = "processed", "processed"
+    FAILED = "failed", "failed"
+
+
+UNSENT = (OutboxStatus.PENDING, OutboxStatus.FAILED)
+
+
+class OutboxQuerySet(models.QuerySet["OutboxEvent"]):
+    def unsent(self) -> OutboxQuerySet:
+        """Rows that still have to reach the stream."""
+        return self.filter(status__in=UNSENT)
+
+    def due(self, now: datetime | None = None) -> OutboxQuerySet:
+        """Unsent rows whose retry time has come, plus rows whose relay lease expired."""
+        now = now or timezone.now()
+        return self.filter(
+            models.Q(status__in=UNSENT, available_at__lte=now)
+            | models.Q(status=OutboxStatus.PUBLISHING, locked_until__lt=now)
+        )
+
+
+class OutboxEvent(models.Model):
+    """An event written in the business transaction, published after commit."""
+
+    event_id = models.CharField(max_length=255, unique=True)
+    subject = models.CharField(max_length=255)
+    payload = models.JSONField(default=dict, help_text="The full envelope as published.")
+    headers = models.JSONField(default=dict, blank=True)
+    resource_type = models.CharField(max_length=100, blank=True, default="")
+    resource_id = models.CharField(max_length=255, blank=True, default="")
+    event_type = models.CharField(max_length=100, blank=True, default="")
+    status = models.CharField(max_length=16, choices=OutboxStatus.choices,
+                              default=OutboxStatus.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(null=True, blank=True)
+    enqueued_at = models.DateTimeField(default=timezone.now)
+    available_at = models.DateTimeField(default=timezone.now,
+                                        help_text="Not published before this time (retries).")
+    locked_by = models.CharField(max_length=64, null=True, blank=True,
+                                 help_text="Lease token of the relay publishing this row.")
+    locked_until = models.DateTimeField(null=True, blank=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    stream_seq = models.BigIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = OutboxQuerySet.as_manager()
+
+    class Meta:
+        db_table = "jetstream_outbox_events"
+        verbose_name = "outbox event"
+        indexes = [
+            models.Index(fields=["status"], name="jsb_outbox_status_idx"),
+            models.Index(fields=["status", "available_at"], name="jsb_outbox_due_idx"),
+            models.Index(fields=["resource_type", "resource_id", "id"],
+                         name="jsb_outbox_resource_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_id} {self.subject} [{self.status}]"
+
+
+class InboxEvent(models.Model):
+    """A received event and what became of it, per consumer (durable)."""
+
+    consumer = models.CharField(max_length=255, default="",
+                                help_text="Durable name that processed the event.")
+    event_id = models.CharField(max_length=255, null=True, blank=True)
+    subject = models.CharField(max_length=255)
+    payload = models.JSONField(default=dict, help_text="The envelope as received.")
+    headers = models.JSONField(default=dict, blank=True)
+    event_type = models.CharField(max_length=100, blank=True, default="")
+    resource_type = models.CharField(max_length=100, blank=True, default="")
+    stream = models.CharField(max_length=255, null=True, blank=True)
+    stream_seq = models.BigIntegerField(null=True, blank=True)
+    deliveries = models.PositiveIntegerField(default=0)
+    status = models.CharField(max_length=16, choices=InboxStatus.choices,
+                              default=InboxStatus.RECEIVED)
+    last_error = models.TextField(null=True, blank=True)
+    received_at = models.DateTimeField(default=timezone.now)
+    processed_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        db_table = "jetstream_inbox_events"
+        verbose_name = "inbox event"
+        constraints = [
+            models.UniqueConstraint(fields=["consumer", "event_id"],
+                                    name="jsb_inbox_consumer_event_uniq"),
+            models.UniqueConstraint(fields=["consumer", "stream", "stream_seq"],
+                                    name="jsb_inbox_consumer_seq_uniq"),
+        ]
+        indexes = [models.Index(fields=["status"], name="jsb_inbox_status_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.event_id or self.stream_seq} {self.subject} [{self.status}]"
+
+
+# The fields the bridge cannot work without; anything else is set only when the model has it.
+OUTBOX_REQUIRED_FIELDS = ("event_id", "subject", "payload", "status")
+INBOX_REQUIRED_FIELDS = ("subject", "status")
+
+
+def field_names(model: type[models.Model]) -> frozenset[str]:
+    return frozenset(f.name for f in model._meta.concrete_fields)
+
+
+def only_fields(model: type[models.Model], values: dict[str, Any]) -> dict[str, Any]:
+    """Keep the values the model has columns for (custom models may be minimal)."""
+    names = field_names(model)
+    return {key: value for key, value in values.items() if key in names}

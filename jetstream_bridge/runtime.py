@@ -1,0 +1,155 @@
+"""One background event loop per process that owns the shared NATS connection.
+
+nats-py clients are bound to the loop they connected on, so sync callers (WSGI views, the
+shell, management commands, Celery tasks) and async callers on other loops all hop onto this
+loop instead of creating a client per call. The loop thread starts on first use, never at
+import; after ``fork()`` the child starts its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import logging
+import os
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from .connection import Connection
+from .core.config import BridgeConfig
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Job = Callable[[Connection], Awaitable[T]]
+
+
+class Runtime:
+    """A daemon thread running an event loop, and the connection that lives on it."""
+
+    def __init__(self, config_provider: Callable[[], BridgeConfig]) -> None:
+        self._config_provider = config_provider
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._connection: Connection | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or self._loop.is_closed():
+                ready = threading.Event()
+                loop = asyncio.new_event_loop()
+
+                def run() -> None:
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(ready.set)
+                    loop.run_forever()
+
+                thread = threading.Thread(target=run, name="jetstream-bridge-loop", daemon=True)
+                thread.start()
+                ready.wait()
+                self._loop, self._thread = loop, thread
+            return self._loop
+
+    def in_loop_thread(self) -> bool:
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    async def connection(self) -> Connection:
+        """Return the connected shared connection; call only on the runtime loop."""
+        if self._connection is None:
+            self._connection = Connection(self._config_provider())
+        await self._connection.connect()
+        return self._connection
+
+    async def _run_job(self, job: Job[T]) -> T:
+        return await job(await self.connection())
+
+    def submit(self, job: Job[T]) -> concurrent.futures.Future[T]:
+        """Schedule ``job(connection)`` on the runtime loop and return a thread-safe future."""
+        coro: Coroutine[Any, Any, T] = self._run_job(job)
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    async def run(self, job: Job[T]) -> T:
+        """Await ``job(connection)`` from any event loop."""
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        if current is not None and current is self._loop:
+            return await self._run_job(job)
+        return await asyncio.wrap_future(self.submit(job))
+
+    def call(self, job: Job[T], timeout: float | None = None) -> T:
+        """Run ``job(connection)`` from sync code and return its result."""
+        if self.in_loop_thread():
+            raise RuntimeError("sync jetstream-bridge call made on its own event loop; "
+                               "use the *_async variant there")
+        return self.submit(job).result(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the connection and stop the loop thread."""
+        loop, thread = self._loop, self._thread
+        if loop is None or loop.is_closed():
+            return
+        connection, self._connection = self._connection, None
+        if connection is not None and loop.is_running():
+            future = asyncio.run_coroutine_threadsafe(connection.close(), loop)
+            try:
+                future.result(timeout)
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                logger.debug("closing the nats connection failed", exc_info=True)
+        if loop.is_running():
+            loop.call_soon_threadsafe(loop.stop)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        if not loop.is_running():
+            loop.close()
+        self._loop = self._thread = None
+
+    def forget(self) -> None:
+        """Drop state inherited through ``fork()``: the parent's thread does not exist here."""
+        _abandoned.append((self._loop, self._connection))
+        self._loop = self._thread = self._connection = None
+        self._lock = threading.Lock()
+
+
+_abandoned: list[Any] = []  # keeps inherited objects alive so their finalizers never run
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime() -> Runtime:
+    """Return the process-wide runtime (created lazily, recreated after fork)."""
+    global _runtime
+    if _runtime is None:
+        with _runtime_lock:
+            if _runtime is None:
+                from .conf import get_config
+
+                _runtime = Runtime(get_config)
+    return _runtime
+
+
+def reset_runtime() -> None:
+    """Close the shared connection; the next call reconnects with the current settings."""
+    global _runtime
+    with _runtime_lock:
+        runtime, _runtime = _runtime, None
+    if runtime is not None:
+        runtime.close()
+
+
+def _after_fork_in_child() -> None:
+    global _runtime, _runtime_lock
+    _runtime_lock = threading.Lock()
+    if _runtime is not None:
+        _runtime.forget()
+        _runtime = None
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(reset_runtime)

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _fresh_config() -> Iterator[None]:
+    from jetstream_bridge.conf import reload_config
+
+    reload_config()
+    yield
+    reload_config()
+
+
+@pytest.fixture
+def is_postgres() -> bool:
+    return connection.vendor == "postgresql"
+
+
+@pytest.fixture
+def subprocess_env(nats_server, jetstream_bridge) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """Environment for worker subprocesses: same settings, test database, NATS and ENV."""
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    env = dict(os.environ)
+    env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+    env["PYTHONPATH"] = str(ROOT)
+    env["NATS_URLS"] = nats_server.url
+    env["NATS_ENV"] = jetstream_bridge.env
+    if db["ENGINE"].endswith("sqlite3"):
+        env["DATABASE_URL"] = f"sqlite:///{db['NAME']}"
+    else:
+        user = db.get("USER") or ""
+        host = db.get("HOST") or "127.0.0.1"
+        port = db.get("PORT") or 5432
+        env["DATABASE_URL"] = f"postgres://{user}@{host}:{port}/{db['NAME']}"
+    env.pop("PYTHONDEVMODE", None)
+    return env
+
+
+def manage_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "django", *args]

@@ -1,0 +1,80 @@
+"""Settings for the test suite. ``DATABASE_URL`` (django-environ syntax) picks the database."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import environ
+
+env = environ.Env()
+
+SECRET_KEY = "tests-only-not-secret"
+DEBUG = False
+USE_TZ = True
+TIME_ZONE = "UTC"
+ALLOWED_HOSTS = ["*"]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "jetstream_bridge",
+    "tests.testapp",
+]
+
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+
+ROOT_URLCONF = "tests.urls"
+STATIC_URL = "/static/"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+_sqlite_dir = os.environ.get("JSB_SQLITE_DIR") or tempfile.gettempdir()
+DATABASES = {
+    "default": env.db_url(
+        "DATABASE_URL", default=f"sqlite:///{os.path.join(_sqlite_dir, 'jsb-tests.sqlite3')}"
+    )
+}
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    # A file, not :memory:, so worker subprocesses started by tests see the same database.
+    DATABASES["default"]["TEST"] = {
+        "NAME": os.path.join(_sqlite_dir, f"jsb-test-{os.getpid()}.sqlite3")
+    }
+    DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 30
+
+JETSTREAM_BRIDGE = {
+    "ENV": env.str("NATS_ENV", default="test"),
+    "APP_NAME": "alpha",
+    "DESTINATION_APP": "beta",
+    "CONNECT_TIMEOUT": "3s",
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {"jetstream_bridge": {"handlers": ["console"], "level": "INFO"}},
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
