@@ -176,6 +176,7 @@ class Connection:
         self._connect_lock = asyncio.Lock()
         self._last_error: BaseException | None = None
         self._subscriptions: dict[tuple[str, str], Any] = {}
+        self._closing = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -196,6 +197,7 @@ class Connection:
         async with self._connect_lock:
             if self._nc is not None and not self._nc.is_closed:
                 return
+            self._closing = False
             self._nc = await self._open()
 
     async def _open(self) -> NatsClient:
@@ -210,6 +212,8 @@ class Connection:
                            extra={"servers": self.urls_for_humans})
 
         async def on_disconnected() -> None:
+            if self._closing:
+                return
             logger.warning("nats disconnected", extra={"servers": self.urls_for_humans})
 
         async def on_reconnected() -> None:
@@ -263,6 +267,7 @@ class Connection:
         """Flush what is buffered and close; safe to call twice."""
         nc, self._nc = self._nc, None
         self._subscriptions.clear()
+        self._closing = True
         if nc is None or nc.is_closed:
             return
         try:

@@ -66,8 +66,8 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
 
 JETSTREAM_BRIDGE = {
     "ENV": env.str("NATS_ENV", default="test"),
-    "APP_NAME": "alpha",
-    "DESTINATION_APP": "beta",
+    "APP_NAME": env.str("APP_NAME", default="alpha"),
+    "DESTINATION_APP": env.str("DESTINATION_APP", default="beta"),
     "CONNECT_TIMEOUT": "3s",
 }
 

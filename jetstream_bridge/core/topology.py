@@ -1,0 +1,137 @@
+"""Pure topology decisions: which subjects to add, where the consumer binds, what differs.
+
+The async side (``jetstream_bridge.topology``) reads the server, asks these functions what to
+do, and applies the answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import BridgeConfig
+from .durations import to_nanos
+from .subjects import covers, is_reserved
+
+# JetStream API error codes the bridge branches on.
+ERR_CONSUMER_CANNOT_UPDATE = 10012
+ERR_STREAM_NAME_IN_USE = 10058  # created concurrently with another config
+ERR_SUBJECTS_OVERLAP = 10065
+ERR_CONSUMER_EXISTS = 10148
+RETRYABLE_STREAM_ERRORS = frozenset({ERR_STREAM_NAME_IN_USE, ERR_SUBJECTS_OVERLAP})
+
+
+@dataclass(frozen=True)
+class SubjectPlan:
+    """What to do with each wanted subject."""
+
+    add: tuple[str, ...] = ()
+    covered: dict[str, str] = field(default_factory=dict)  # subject -> own subject covering it
+    elsewhere: dict[str, tuple[str, ...]] = field(default_factory=dict)  # subject -> streams
+
+    @property
+    def changes(self) -> bool:
+        return bool(self.add)
+
+
+def desired_subjects(config: BridgeConfig) -> list[str]:
+    subjects = [config.subjects.publish, config.subjects.subscribe]
+    if config.use_dlq:
+        subjects.append(config.subjects.dlq)
+    for subject in subjects:
+        if is_reserved(subject):  # settings validation makes this unreachable; belt and braces
+            raise ValueError(f"refusing to manage reserved subject {subject!r}")
+    return list(dict.fromkeys(subjects))
+
+
+def plan_subjects(
+    wanted: Sequence[str],
+    own_subjects: Sequence[str],
+    colliding_streams: Mapping[str, Sequence[str]],
+) -> SubjectPlan:
+    """Decide per subject: already covered by our stream, owned by another stream, or add.
+
+    ``colliding_streams`` maps a wanted subject to the *other* streams whose subjects collide
+    with it, as the server reports them.
+    """
+    add: list[str] = []
+    covered: dict[str, str] = {}
+    elsewhere: dict[str, tuple[str, ...]] = {}
+    for subject in wanted:
+        owner = next((own for own in own_subjects if covers(own, subject)), None)
+        if owner is not None:
+            covered[subject] = owner
+        elif colliding_streams.get(subject):
+            elsewhere[subject] = tuple(colliding_streams[subject])
+        else:
+            add.append(subject)
+    return SubjectPlan(add=tuple(add), covered=covered, elsewhere=elsewhere)
+
+
+def stream_config(config: BridgeConfig, subjects: Sequence[str]) -> dict[str, Any]:
+    """The full config for a new stream (updates start from the server's own config)."""
+    return {
+        "name": config.stream_name,
+        "subjects": list(subjects),
+        "retention": config.stream_retention,
+        "storage": config.stream_storage,
+        "num_replicas": config.stream_replicas,
+        "max_age": to_nanos(config.stream_max_age) if config.stream_max_age else 0,
+        "max_bytes": config.stream_max_bytes or -1,
+        "max_msgs": -1,
+        "max_msg_size": -1,
+        "discard": "old",
+        "duplicate_window": to_nanos(config.duplicate_window),
+        "allow_direct": True,
+    }
+
+
+def server_backoff(config: BridgeConfig) -> list[int]:
+    """Backoff for the server, in nanoseconds.
+
+    The server uses it for redeliveries after an ack timeout (a worker that died mid-message)
+    and replaces ``ack_wait`` with its first value, so every value is raised to at least
+    ``ACK_WAIT``. It allows only ``max_deliver - 1`` values (there are that many redeliveries).
+    Failed handlers are retried by our own delayed NAKs, which follow ``BACKOFF`` exactly.
+    """
+    values = config.backoff[: max(config.max_deliver - 1, 0)]
+    return [to_nanos(max(value, config.ack_wait)) for value in values]
+
+
+def consumer_config(config: BridgeConfig, durable: str, filter_subject: str) -> dict[str, Any]:
+    desired: dict[str, Any] = {
+        "durable_name": durable,
+        "filter_subject": filter_subject,
+        "ack_policy": "explicit",
+        "deliver_policy": "all",
+        "ack_wait": to_nanos(config.ack_wait),
+        "max_deliver": config.max_deliver,
+        "max_ack_pending": config.max_ack_pending,
+    }
+    backoff = server_backoff(config)
+    if backoff:
+        desired["backoff"] = backoff
+        desired["ack_wait"] = backoff[0]
+    return desired
+
+
+# Fields compared when reconciling an existing durable with the settings.
+RECONCILED_FIELDS = ("filter_subject", "ack_policy", "ack_wait", "max_deliver", "backoff",
+                     "max_ack_pending")
+
+
+def consumer_differences(desired: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Return ``"field: server -> wanted"`` for each reconciled field that differs."""
+    differences = []
+    for name in RECONCILED_FIELDS:
+        want, have = desired.get(name), current.get(name)
+        if name == "backoff":
+            want, have = list(want or []), list(have or [])
+        if name == "filter_subject" and not have and current.get("filter_subjects"):
+            have = current["filter_subjects"]
+        if want != have:
+            differences.append(f"{name}: {have!r} -> {want!r}")
+    if current.get("deliver_subject"):
+        differences.append("deliver_subject: push consumer -> pull consumer")
+    return differences

@@ -1,0 +1,230 @@
+"""Ensure the stream and durable consumer exist and match the settings, safely under overlap.
+
+``ensure_topology()`` / ``ensure_topology_async()`` are idempotent and may run from many
+processes at once: they converge on one stream holding the union of every app's subjects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from .connection import Connection
+from .core.config import BridgeConfig
+from .core.errors import JetStreamApiError, TopologyError
+from .core.subjects import covers
+from .core.topology import (
+    ERR_CONSUMER_EXISTS,
+    RETRYABLE_STREAM_ERRORS,
+    SubjectPlan,
+    consumer_config,
+    consumer_differences,
+    desired_subjects,
+    plan_subjects,
+    stream_config,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 8
+
+
+@dataclass(frozen=True)
+class Action:
+    """One line of the plan: what was (or would be) done and why."""
+
+    kind: str  # create-stream, add-subjects, skip, create-consumer, update-consumer, ...
+    target: str
+    detail: str
+    change: bool
+
+    def __str__(self) -> str:
+        verb = self.kind.replace("-", " ")
+        return f"{verb:<18} {self.target}: {self.detail}"
+
+
+@dataclass
+class TopologyReport:
+    stream: str
+    actions: list[Action] = field(default_factory=list)
+    consumer_stream: str | None = None
+    applied: bool = False
+
+    @property
+    def in_sync(self) -> bool:
+        return not any(action.change for action in self.actions)
+
+    def add(self, kind: str, target: str, detail: str, *, change: bool) -> None:
+        self.actions.append(Action(kind, target, detail, change))
+
+
+async def _colliding_streams(conn: Connection, subjects: list[str], own: str
+                             ) -> dict[str, list[str]]:
+    result: dict[str, list[str]] = {}
+    for subject in subjects:
+        others = [name for name in await conn.stream_names(subject=subject) if name != own]
+        if others:
+            result[subject] = others
+    return result
+
+
+async def _plan(conn: Connection, config: BridgeConfig) -> tuple[dict[str, Any] | None,
+                                                                 SubjectPlan]:
+    wanted = desired_subjects(config)
+    info = await conn.stream_info(config.stream_name)
+    own = list(info["config"].get("subjects") or []) if info else []
+    collisions = await _colliding_streams(conn, wanted, config.stream_name)
+    return info, plan_subjects(wanted, own, collisions)
+
+
+def _describe(report: TopologyReport, plan: SubjectPlan, *, stream_exists: bool) -> None:
+    for subject, owner in plan.covered.items():
+        detail = "already in the stream" if owner == subject else f"covered by {owner!r}"
+        report.add("skip", subject, detail, change=False)
+    for subject, streams in plan.elsewhere.items():
+        report.add("skip", subject, f"captured by other stream(s) {', '.join(streams)}; "
+                   "left to them", change=False)
+    if plan.add:
+        kind = "add-subjects" if stream_exists else "create-stream"
+        report.add(kind, report.stream, ", ".join(plan.add), change=True)
+
+
+async def _ensure_stream(conn: Connection, config: BridgeConfig, report: TopologyReport,
+                         *, dry_run: bool) -> SubjectPlan:
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        info, plan = await _plan(conn, config)
+        if attempt == 1:
+            _describe(report, plan, stream_exists=info is not None)
+            for subject, streams in plan.elsewhere.items():
+                logger.warning(
+                    "subject %s is captured by stream %s; not adding it to %s",
+                    subject, ", ".join(streams), config.stream_name,
+                    extra={"subject": subject, "owners": list(streams),
+                           "stream": config.stream_name},
+                )
+        if dry_run or not plan.add:
+            return plan
+        try:
+            if info is None:
+                await conn.create_stream(stream_config(config, plan.add))
+                logger.info("created stream %s", config.stream_name,
+                            extra={"stream": config.stream_name, "subjects": list(plan.add)})
+            else:
+                # Start from the server's own config so replicas, limits, retention and the
+                # duplicate window survive; only the subject list changes.
+                updated = dict(info["config"])
+                updated["subjects"] = list(updated.get("subjects") or []) + list(plan.add)
+                await conn.update_stream(updated)
+                logger.info("added subjects to stream %s", config.stream_name,
+                            extra={"stream": config.stream_name, "subjects": list(plan.add)})
+        except JetStreamApiError as exc:
+            if exc.err_code not in RETRYABLE_STREAM_ERRORS:
+                raise
+            logger.info("stream %s changed under us (%s); re-reading", config.stream_name,
+                        exc.err_code, extra={"attempt": attempt})
+        # Updates are last-writer-wins: another process may have replaced our subject list,
+        # so re-read until every subject we need is covered here or owned elsewhere.
+        await asyncio.sleep(random.uniform(0.01, 0.05) * attempt)
+    _, plan = await _plan(conn, config)
+    if plan.add:
+        logger.error("stream %s did not converge after %d attempts; missing %s",
+                     config.stream_name, MAX_ATTEMPTS, ", ".join(plan.add),
+                     extra={"stream": config.stream_name, "missing": list(plan.add)})
+    return plan
+
+
+async def _stream_capturing(conn: Connection, config: BridgeConfig, subject: str) -> str | None:
+    """Return the stream whose subjects capture ``subject`` (ours preferred)."""
+    names = await conn.stream_names(subject=subject)
+    ordered = sorted(names, key=lambda name: name != config.stream_name)
+    for name in ordered:
+        info = await conn.stream_info(name)
+        if info and any(covers(own, subject) for own in info["config"].get("subjects") or []):
+            return name
+    return ordered[0] if ordered else None
+
+
+async def _ensure_consumer(conn: Connection, config: BridgeConfig, durable: str,
+                           report: TopologyReport, *, dry_run: bool) -> None:
+    subject = config.subjects.subscribe
+    stream = await _stream_capturing(conn, config, subject)
+    if stream is None:
+        if dry_run:
+            stream = config.stream_name  # it would be created by this plan
+        else:
+            raise TopologyError(f"no stream captures {subject}; cannot create consumer {durable}")
+    report.consumer_stream = stream
+    desired = consumer_config(config, durable, subject)
+    info = await conn.consumer_info(stream, durable) if await conn.stream_info(stream) else None
+    target = f"{stream}/{durable}"
+    if info is None:
+        report.add("create-consumer", target, f"filter {subject}", change=True)
+        if not dry_run:
+            try:
+                await conn.create_consumer(stream, desired, action="create")
+                logger.info("created consumer %s", target, extra={"stream": stream,
+                                                                   "durable": durable})
+            except JetStreamApiError as exc:
+                if exc.err_code != ERR_CONSUMER_EXISTS:
+                    raise
+                # Another process created it first; reconcile with what it made.
+                report.actions.pop()
+                await _ensure_consumer(conn, config, durable, report, dry_run=dry_run)
+        return
+    differences = consumer_differences(desired, info["config"])
+    if not differences:
+        report.add("skip", target, "consumer matches the settings", change=False)
+        return
+    report.add("update-consumer", target, "; ".join(differences), change=True)
+    if dry_run:
+        return
+    try:
+        await conn.create_consumer(stream, desired, action="update")
+        logger.info("updated consumer %s", target,
+                    extra={"stream": stream, "durable": durable, "changes": differences})
+    except JetStreamApiError as exc:
+        logger.warning(
+            "server refused to update consumer %s (%s); deleting and re-creating it from its "
+            "ack floor", target, exc, extra={"stream": stream, "durable": durable,
+                                             "changes": differences})
+        floor = int((info.get("ack_floor") or {}).get("stream_seq") or 0)
+        recreated = dict(desired)
+        if floor:
+            # Resume after what was already acknowledged instead of replaying the stream.
+            recreated.update(deliver_policy="by_start_sequence", opt_start_seq=floor + 1)
+        await conn.delete_consumer(stream, durable)
+        await conn.create_consumer(stream, recreated, action="create")
+        report.add("recreate-consumer", target, f"resumes at stream sequence {floor + 1}",
+                   change=True)
+
+
+async def ensure_topology_async(
+    conn: Connection,
+    config: BridgeConfig,
+    *,
+    durable: str | None = None,
+    dry_run: bool = False,
+) -> TopologyReport:
+    """Make the stream (and, with ``durable``, the consumer) match the settings.
+
+    With ``dry_run`` nothing is changed and the report says what would be.
+    """
+    report = TopologyReport(stream=config.stream_name, applied=not dry_run)
+    await _ensure_stream(conn, config, report, dry_run=dry_run)
+    if durable:
+        await _ensure_consumer(conn, config, durable, report, dry_run=dry_run)
+    return report
+
+
+def ensure_topology(*, durable: str | None = None, dry_run: bool = False) -> TopologyReport:
+    """Sync twin of ``ensure_topology_async`` on the shared connection and current settings."""
+    from .conf import get_config
+    from .runtime import get_runtime
+
+    config = get_config()
+    return get_runtime().call(
+        lambda conn: ensure_topology_async(conn, config, durable=durable, dry_run=dry_run)
+    )
