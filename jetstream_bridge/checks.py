@@ -13,8 +13,9 @@ from .models import INBOX_REQUIRED_FIELDS, OUTBOX_REQUIRED_FIELDS, field_names
 
 
 @register("jetstream_bridge")
-def check_settings(app_configs: Sequence[AppConfig] | None = None,
-                   **kwargs: Any) -> list[CheckMessage]:
+def check_settings(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
     config, problems = parsed()
     messages: list[CheckMessage] = []
     for problem in problems:
@@ -22,7 +23,7 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None,
         messages.append(kind(problem.msg, hint=problem.hint, id=f"jetstream_bridge.{problem.id}"))
     if config is None:
         return messages
-    wanted = []
+    wanted: list[tuple[str, str, tuple[str, ...]]] = []
     if config.use_outbox:
         wanted.append(("OUTBOX_MODEL", config.outbox_model, OUTBOX_REQUIRED_FIELDS))
     if config.use_inbox:
@@ -31,23 +32,28 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None,
         try:
             model = apps.get_model(path)
         except (LookupError, ValueError):
-            messages.append(Error(
-                f"JETSTREAM_BRIDGE[{key!r}] = {path!r} is not an installed model.",
-                hint=f"Add the model's app to INSTALLED_APPS, fix the 'app_label.ModelName' "
-                     f"path, or set 'USE_{key.split('_')[0]}': False.",
-                id="jetstream_bridge.E012",
-            ))
+            messages.append(
+                Error(
+                    f"JETSTREAM_BRIDGE[{key!r}] = {path!r} is not an installed model.",
+                    hint=f"Add the model's app to INSTALLED_APPS, fix the 'app_label.ModelName' "
+                    f"path, or set 'USE_{key.split('_')[0]}': False.",
+                    id="jetstream_bridge.E012",
+                )
+            )
             continue
         missing = [name for name in required if name not in field_names(model)]
-        if key == "INBOX_MODEL" and not ({"event_id"} <= field_names(model)
-                                         or {"stream", "stream_seq"} <= field_names(model)):
+        if key == "INBOX_MODEL" and not (
+            {"event_id"} <= field_names(model) or {"stream", "stream_seq"} <= field_names(model)
+        ):
             missing.append("event_id (or stream and stream_seq)")
         if missing:
-            messages.append(Error(
-                f"{path} is missing field(s) the bridge needs: {', '.join(missing)}.",
-                hint=f"Add them to {model.__name__} (see jetstream_bridge.models for types) "
-                     "and run makemigrations.",
-                obj=model,
-                id="jetstream_bridge.E013",
-            ))
+            messages.append(
+                Error(
+                    f"{path} is missing field(s) the bridge needs: {', '.join(missing)}.",
+                    hint=f"Add them to {model.__name__} (see jetstream_bridge.models for types) "
+                    "and run makemigrations.",
+                    obj=model,
+                    id="jetstream_bridge.E013",
+                )
+            )
     return messages

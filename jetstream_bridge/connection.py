@@ -73,8 +73,18 @@ class ServerInfo:
 class Delivery:
     """A message delivered by a pull consumer, with the ack verbs the bridge uses."""
 
-    __slots__ = ("_conn", "_reply", "consumer", "data", "deliveries", "headers", "pending",
-                 "stream", "stream_seq", "subject")
+    __slots__ = (
+        "_conn",
+        "_reply",
+        "consumer",
+        "data",
+        "deliveries",
+        "headers",
+        "pending",
+        "stream",
+        "stream_seq",
+        "subject",
+    )
 
     def __init__(self, conn: Connection, msg: NatsMsg) -> None:
         meta = msg.metadata
@@ -90,8 +100,10 @@ class Delivery:
         self.pending: int = meta.num_pending
 
     def __repr__(self) -> str:
-        return (f"Delivery(subject={self.subject!r}, stream={self.stream!r}, "
-                f"seq={self.stream_seq}, deliveries={self.deliveries})")
+        return (
+            f"Delivery(subject={self.subject!r}, stream={self.stream!r}, "
+            f"seq={self.stream_seq}, deliveries={self.deliveries})"
+        )
 
     async def ack(self) -> None:
         await self._conn._reply_to(self._reply, b"+ACK")
@@ -159,8 +171,11 @@ def _api_error(error: Mapping[str, Any]) -> JetStreamApiError:
         kind = StreamNotFound
     elif err_code == ERR_CONSUMER_NOT_FOUND:
         kind = ConsumerNotFound
-    return kind(str(error.get("description", "unknown error")), code=int(error.get("code") or 0),
-                err_code=err_code)
+    return kind(
+        str(error.get("description", "unknown error")),
+        code=int(error.get("code") or 0),
+        err_code=err_code,
+    )
 
 
 class Connection:
@@ -177,12 +192,20 @@ class Connection:
         self._last_error: BaseException | None = None
         self._subscriptions: dict[tuple[str, str], Any] = {}
         self._closing = False
+        self._failure: NatsError | None = None
+        self._retry_after = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     @property
     def is_connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
+
+    @property
+    def server_max_payload(self) -> int | None:
+        """The server's max payload once connected (readable from any thread)."""
+        nc = self._nc
+        return int(nc.max_payload) if nc is not None and nc.is_connected else None
 
     @property
     def urls_for_humans(self) -> str:
@@ -197,8 +220,18 @@ class Connection:
         async with self._connect_lock:
             if self._nc is not None and not self._nc.is_closed:
                 return
+            if self._failure is not None and time.monotonic() < self._retry_after:
+                # Fail fast while the server is known to be down instead of queueing a full
+                # connect timeout behind every caller.
+                raise type(self._failure)(str(self._failure))
             self._closing = False
-            self._nc = await self._open()
+            try:
+                self._nc = await self._open()
+            except NatsError as exc:
+                self._failure = exc
+                self._retry_after = time.monotonic() + min(self.config.connect_timeout, 2.0)
+                raise
+            self._failure = None
 
     async def _open(self) -> NatsClient:
         config = self.config
@@ -208,8 +241,11 @@ class Connection:
             self._last_error = exc
             if isinstance(exc, (nats.errors.AuthorizationError, ssl.SSLError)):
                 auth_failed.set()
-            logger.warning("nats error: %s", scrub(str(exc) or type(exc).__name__),
-                           extra={"servers": self.urls_for_humans})
+            logger.warning(
+                "nats error: %s",
+                scrub(str(exc) or type(exc).__name__),
+                extra={"servers": self.urls_for_humans},
+            )
 
         async def on_disconnected() -> None:
             if self._closing:
@@ -220,25 +256,33 @@ class Connection:
             logger.info("nats reconnected", extra={"servers": self.urls_for_humans})
 
         nc = NatsClient()
-        connect = asyncio.ensure_future(nc.connect(
-            servers=list(config.nats_urls),
-            name=config.connection_name,
-            error_cb=on_error,
-            disconnected_cb=on_disconnected,
-            reconnected_cb=on_reconnected,
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            connect_timeout=max(1, round(config.connect_timeout)),
-            **_auth_options(config),
-        ))
+        connect = asyncio.ensure_future(
+            nc.connect(
+                servers=list(config.nats_urls),
+                name=config.connection_name,
+                error_cb=on_error,
+                disconnected_cb=on_disconnected,
+                reconnected_cb=on_reconnected,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=1,
+                connect_timeout=max(1, round(config.connect_timeout)),
+                **_auth_options(config),
+            )
+        )
         watcher = asyncio.ensure_future(auth_failed.wait())
-        done, _ = await asyncio.wait({connect, watcher}, timeout=config.connect_timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {connect, watcher}, timeout=config.connect_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
         watcher.cancel()
         if connect in done and connect.exception() is None:
-            logger.info("nats connected", extra={"servers": self.urls_for_humans,
-                                                 "server_version": nc.connected_server_version})
+            logger.info(
+                "nats connected",
+                extra={
+                    "servers": self.urls_for_humans,
+                    "server_version": nc.connected_server_version,
+                },
+            )
             return nc
         connect.cancel()
         await asyncio.gather(connect, watcher, return_exceptions=True)
@@ -260,7 +304,7 @@ class Connection:
     async def _close_quietly(nc: NatsClient) -> None:
         try:
             await asyncio.wait_for(nc.close(), timeout=2)
-        except Exception:  # noqa: BLE001 - closing a half-open client must never mask the cause
+        except Exception:
             logger.debug("ignored error while closing a failed nats client", exc_info=True)
 
     async def close(self) -> None:
@@ -273,7 +317,7 @@ class Connection:
         try:
             if nc.is_connected:
                 await asyncio.wait_for(nc.flush(), timeout=2)
-        except Exception:  # noqa: BLE001
+        except Exception:
             logger.debug("flush before close failed", exc_info=True)
         await self._close_quietly(nc)
 
@@ -297,11 +341,16 @@ class Connection:
             raise NatsUnavailable(f"{what}: timed out talking to {self.urls_for_humans}") from exc
         except nats.errors.AuthorizationError as exc:
             raise AuthenticationFailed(f"{what}: authorization violation") from exc
-        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
-                nats.errors.StaleConnectionError, nats.errors.OutboundBufferLimitError,
-                OSError) as exc:
-            raise NatsUnavailable(f"{what}: connection to {self.urls_for_humans} unavailable "
-                                  f"({type(exc).__name__})") from exc
+        except (
+            nats.errors.ConnectionClosedError,
+            nats.errors.ConnectionReconnectingError,
+            nats.errors.StaleConnectionError,
+            nats.errors.OutboundBufferLimitError,
+            OSError,
+        ) as exc:
+            raise NatsUnavailable(
+                f"{what}: connection to {self.urls_for_humans} unavailable ({type(exc).__name__})"
+            ) from exc
         except nats.errors.MaxPayloadError as exc:
             raise PublishFailed(f"{what}: message larger than the server's max payload") from exc
         except nats.errors.Error as exc:
@@ -338,8 +387,9 @@ class Connection:
         nc = await self._client()
         data = json.dumps(body).encode() if body is not None else b""
         async with self._translated(f"JetStream API {endpoint.split('.')[0]}"):
-            reply = await nc.request(f"$JS.API.{endpoint}", data,
-                                     timeout=self.config.request_timeout)
+            reply = await nc.request(
+                f"$JS.API.{endpoint}", data, timeout=self.config.request_timeout
+            )
         answer: dict[str, Any] = json.loads(reply.data)
         if "error" in answer:
             raise _api_error(answer["error"])
@@ -390,8 +440,9 @@ class Connection:
         except ConsumerNotFound:
             return None
 
-    async def create_consumer(self, stream: str, config: Mapping[str, Any], *,
-                              action: str = "") -> dict[str, Any]:
+    async def create_consumer(
+        self, stream: str, config: Mapping[str, Any], *, action: str = ""
+    ) -> dict[str, Any]:
         """Create (``action="create"``), update (``"update"``) or upsert (``""``) a durable."""
         body: dict[str, Any] = {"stream_name": stream, "config": dict(config)}
         if action:
@@ -419,8 +470,9 @@ class Connection:
     async def next_message(self, stream: str, seq: int, subject: str) -> StoredMessage | None:
         """Read the first message at or after ``seq`` on ``subject``, or ``None``."""
         try:
-            answer = await self.api(f"STREAM.MSG.GET.{stream}",
-                                    {"seq": seq, "next_by_subj": subject})
+            answer = await self.api(
+                f"STREAM.MSG.GET.{stream}", {"seq": seq, "next_by_subj": subject}
+            )
         except JetStreamApiError as exc:
             if exc.err_code == ERR_NO_MESSAGE_FOUND:
                 return None
@@ -452,15 +504,24 @@ class Connection:
 
     # -- publishing --------------------------------------------------------------------------
 
-    async def publish(self, subject: str, data: bytes, headers: Mapping[str, str] | None = None,
-                      *, timeout: float | None = None) -> PubAck:
+    async def publish(
+        self,
+        subject: str,
+        data: bytes,
+        headers: Mapping[str, str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> PubAck:
         """Publish to JetStream and wait for the stream's ack."""
         nc = await self._client()
         async with self._translated(f"publish to {subject}"):
             try:
-                reply = await nc.request(subject, data, timeout=timeout or
-                                         self.config.request_timeout,
-                                         headers=dict(headers) if headers else None)
+                reply = await nc.request(
+                    subject,
+                    data,
+                    timeout=timeout or self.config.request_timeout,
+                    headers=dict(headers) if headers else None,
+                )
             except nats.errors.NoRespondersError as exc:
                 raise PublishFailed(
                     f"no stream captures subject {subject!r}; run "
@@ -470,8 +531,11 @@ class Connection:
         if "error" in answer:
             error = _api_error(answer["error"])
             raise PublishFailed(f"publish to {subject} rejected: {error}") from error
-        return PubAck(stream=answer["stream"], seq=int(answer["seq"]),
-                      duplicate=bool(answer.get("duplicate", False)))
+        return PubAck(
+            stream=answer["stream"],
+            seq=int(answer["seq"]),
+            duplicate=bool(answer.get("duplicate", False)),
+        )
 
     async def publish_many(
         self,
@@ -487,8 +551,9 @@ class Connection:
         """
         gate = asyncio.Semaphore(max_in_flight)
 
-        async def one(subject: str, data: bytes, headers: Mapping[str, str] | None
-                      ) -> PubAck | Exception:
+        async def one(
+            subject: str, data: bytes, headers: Mapping[str, str] | None
+        ) -> PubAck | Exception:
             async with gate:
                 try:
                     return await self.publish(subject, data, headers, timeout=timeout)
@@ -505,8 +570,7 @@ class Connection:
 
     # -- consuming ---------------------------------------------------------------------------
 
-    async def fetch(self, stream: str, durable: str, batch: int, timeout: float
-                    ) -> list[Delivery]:
+    async def fetch(self, stream: str, durable: str, batch: int, timeout: float) -> list[Delivery]:
         """Pull up to ``batch`` messages, waiting at most ``timeout`` when none are ready."""
         nc = await self._client()
         key = (stream, durable)
@@ -519,8 +583,10 @@ class Connection:
             async with self._translated(f"fetch from {durable}"):
                 msgs = await sub.fetch(batch, timeout=timeout)
         except NatsUnavailable as exc:
-            if isinstance(exc.__cause__, (nats.errors.TimeoutError, asyncio.TimeoutError)) \
-                    and nc.is_connected:
+            if (
+                isinstance(exc.__cause__, (nats.errors.TimeoutError, asyncio.TimeoutError))
+                and nc.is_connected
+            ):
                 return []  # nothing arrived within the long poll
             raise
         except NatsError as exc:
@@ -544,8 +610,9 @@ class Connection:
 
     # -- plain subscriptions (tests, DLQ tooling) --------------------------------------------
 
-    async def subscribe(self, subject: str, callback: Callable[[str, bytes, dict[str, str]],
-                                                                  Awaitable[None]]) -> Any:
+    async def subscribe(
+        self, subject: str, callback: Callable[[str, bytes, dict[str, str]], Awaitable[None]]
+    ) -> Any:
         nc = await self._client()
 
         async def handle(msg: NatsMsg) -> None:

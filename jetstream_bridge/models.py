@@ -9,7 +9,7 @@ semantics on every backend, including MySQL, which has no partial indexes.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from django.db import models
 from django.utils import timezone
@@ -35,15 +35,14 @@ UNSENT = (OutboxStatus.PENDING, OutboxStatus.FAILED)
 class OutboxQuerySet(models.QuerySet["OutboxEvent"]):
     def unsent(self) -> OutboxQuerySet:
         """Rows that still have to reach the stream."""
-        return self.filter(status__in=UNSENT)
+        return cast(OutboxQuerySet, self.filter(status__in=UNSENT))
 
     def due(self, now: datetime | None = None) -> OutboxQuerySet:
         """Unsent rows whose retry time has come, plus rows whose relay lease expired."""
         now = now or timezone.now()
-        return self.filter(
-            models.Q(status__in=UNSENT, available_at__lte=now)
-            | models.Q(status=OutboxStatus.PUBLISHING, locked_until__lt=now)
-        )
+        due = models.Q(status__in=UNSENT, available_at__lte=now)
+        expired = models.Q(status=OutboxStatus.PUBLISHING, locked_until__lt=now)
+        return cast(OutboxQuerySet, self.filter(due | expired))
 
 
 class OutboxEvent(models.Model):
@@ -56,15 +55,21 @@ class OutboxEvent(models.Model):
     resource_type = models.CharField(max_length=100, blank=True, default="")
     resource_id = models.CharField(max_length=255, blank=True, default="")
     event_type = models.CharField(max_length=100, blank=True, default="")
-    status = models.CharField(max_length=16, choices=OutboxStatus.choices,
-                              default=OutboxStatus.PENDING)
+    status = models.CharField(
+        max_length=16, choices=OutboxStatus.choices, default=OutboxStatus.PENDING
+    )
     attempts = models.PositiveIntegerField(default=0)
     last_error = models.TextField(null=True, blank=True)
     enqueued_at = models.DateTimeField(default=timezone.now)
-    available_at = models.DateTimeField(default=timezone.now,
-                                        help_text="Not published before this time (retries).")
-    locked_by = models.CharField(max_length=64, null=True, blank=True,
-                                 help_text="Lease token of the relay publishing this row.")
+    available_at = models.DateTimeField(
+        default=timezone.now, help_text="Not published before this time (retries)."
+    )
+    locked_by = models.CharField(
+        max_length=64,
+        null=True,
+        blank=True,
+        help_text="Lease token of the relay publishing this row.",
+    )
     locked_until = models.DateTimeField(null=True, blank=True)
     sent_at = models.DateTimeField(null=True, blank=True)
     stream_seq = models.BigIntegerField(null=True, blank=True)
@@ -79,8 +84,9 @@ class OutboxEvent(models.Model):
         indexes = [
             models.Index(fields=["status"], name="jsb_outbox_status_idx"),
             models.Index(fields=["status", "available_at"], name="jsb_outbox_due_idx"),
-            models.Index(fields=["resource_type", "resource_id", "id"],
-                         name="jsb_outbox_resource_idx"),
+            models.Index(
+                fields=["resource_type", "resource_id", "id"], name="jsb_outbox_resource_idx"
+            ),
         ]
 
     def __str__(self) -> str:
@@ -90,8 +96,9 @@ class OutboxEvent(models.Model):
 class InboxEvent(models.Model):
     """A received event and what became of it, per consumer (durable)."""
 
-    consumer = models.CharField(max_length=255, default="",
-                                help_text="Durable name that processed the event.")
+    consumer = models.CharField(
+        max_length=255, default="", help_text="Durable name that processed the event."
+    )
     event_id = models.CharField(max_length=255, null=True, blank=True)
     subject = models.CharField(max_length=255)
     payload = models.JSONField(default=dict, help_text="The envelope as received.")
@@ -101,8 +108,9 @@ class InboxEvent(models.Model):
     stream = models.CharField(max_length=255, null=True, blank=True)
     stream_seq = models.BigIntegerField(null=True, blank=True)
     deliveries = models.PositiveIntegerField(default=0)
-    status = models.CharField(max_length=16, choices=InboxStatus.choices,
-                              default=InboxStatus.RECEIVED)
+    status = models.CharField(
+        max_length=16, choices=InboxStatus.choices, default=InboxStatus.RECEIVED
+    )
     last_error = models.TextField(null=True, blank=True)
     received_at = models.DateTimeField(default=timezone.now)
     processed_at = models.DateTimeField(null=True, blank=True)
@@ -113,10 +121,12 @@ class InboxEvent(models.Model):
         db_table = "jetstream_inbox_events"
         verbose_name = "inbox event"
         constraints = [
-            models.UniqueConstraint(fields=["consumer", "event_id"],
-                                    name="jsb_inbox_consumer_event_uniq"),
-            models.UniqueConstraint(fields=["consumer", "stream", "stream_seq"],
-                                    name="jsb_inbox_consumer_seq_uniq"),
+            models.UniqueConstraint(
+                fields=["consumer", "event_id"], name="jsb_inbox_consumer_event_uniq"
+            ),
+            models.UniqueConstraint(
+                fields=["consumer", "stream", "stream_seq"], name="jsb_inbox_consumer_seq_uniq"
+            ),
         ]
         indexes = [models.Index(fields=["status"], name="jsb_inbox_status_idx")]
 

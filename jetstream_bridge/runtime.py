@@ -54,6 +54,12 @@ class Runtime:
                 self._loop, self._thread = loop, thread
             return self._loop
 
+    @property
+    def max_payload(self) -> int | None:
+        """The connected server's max payload, or ``None`` before the first connect."""
+        connection = self._connection
+        return connection.server_max_payload if connection is not None else None
+
     def in_loop_thread(self) -> bool:
         return self._thread is not None and threading.current_thread() is self._thread
 
@@ -85,8 +91,10 @@ class Runtime:
     def call(self, job: Job[T], timeout: float | None = None) -> T:
         """Run ``job(connection)`` from sync code and return its result."""
         if self.in_loop_thread():
-            raise RuntimeError("sync jetstream-bridge call made on its own event loop; "
-                               "use the *_async variant there")
+            raise RuntimeError(
+                "sync jetstream-bridge call made on its own event loop; "
+                "use the *_async variant there"
+            )
         return self.submit(job).result(timeout)
 
     def close(self, timeout: float = 5.0) -> None:
@@ -99,7 +107,7 @@ class Runtime:
             future = asyncio.run_coroutine_threadsafe(connection.close(), loop)
             try:
                 future.result(timeout)
-            except Exception:  # noqa: BLE001 - best effort at shutdown
+            except Exception:
                 logger.debug("closing the nats connection failed", exc_info=True)
         if loop.is_running():
             loop.call_soon_threadsafe(loop.stop)

@@ -61,8 +61,9 @@ class TopologyReport:
         self.actions.append(Action(kind, target, detail, change))
 
 
-async def _colliding_streams(conn: Connection, subjects: list[str], own: str
-                             ) -> dict[str, list[str]]:
+async def _colliding_streams(
+    conn: Connection, subjects: list[str], own: str
+) -> dict[str, list[str]]:
     result: dict[str, list[str]] = {}
     for subject in subjects:
         others = [name for name in await conn.stream_names(subject=subject) if name != own]
@@ -71,8 +72,9 @@ async def _colliding_streams(conn: Connection, subjects: list[str], own: str
     return result
 
 
-async def _plan(conn: Connection, config: BridgeConfig) -> tuple[dict[str, Any] | None,
-                                                                 SubjectPlan]:
+async def _plan(
+    conn: Connection, config: BridgeConfig
+) -> tuple[dict[str, Any] | None, SubjectPlan]:
     wanted = desired_subjects(config)
     info = await conn.stream_info(config.stream_name)
     own = list(info["config"].get("subjects") or []) if info else []
@@ -85,15 +87,20 @@ def _describe(report: TopologyReport, plan: SubjectPlan, *, stream_exists: bool)
         detail = "already in the stream" if owner == subject else f"covered by {owner!r}"
         report.add("skip", subject, detail, change=False)
     for subject, streams in plan.elsewhere.items():
-        report.add("skip", subject, f"captured by other stream(s) {', '.join(streams)}; "
-                   "left to them", change=False)
+        report.add(
+            "skip",
+            subject,
+            f"captured by other stream(s) {', '.join(streams)}; left to them",
+            change=False,
+        )
     if plan.add:
         kind = "add-subjects" if stream_exists else "create-stream"
         report.add(kind, report.stream, ", ".join(plan.add), change=True)
 
 
-async def _ensure_stream(conn: Connection, config: BridgeConfig, report: TopologyReport,
-                         *, dry_run: bool) -> SubjectPlan:
+async def _ensure_stream(
+    conn: Connection, config: BridgeConfig, report: TopologyReport, *, dry_run: bool
+) -> SubjectPlan:
     for attempt in range(1, MAX_ATTEMPTS + 1):
         info, plan = await _plan(conn, config)
         if attempt == 1:
@@ -101,38 +108,57 @@ async def _ensure_stream(conn: Connection, config: BridgeConfig, report: Topolog
             for subject, streams in plan.elsewhere.items():
                 logger.warning(
                     "subject %s is captured by stream %s; not adding it to %s",
-                    subject, ", ".join(streams), config.stream_name,
-                    extra={"subject": subject, "owners": list(streams),
-                           "stream": config.stream_name},
+                    subject,
+                    ", ".join(streams),
+                    config.stream_name,
+                    extra={
+                        "subject": subject,
+                        "owners": list(streams),
+                        "stream": config.stream_name,
+                    },
                 )
         if dry_run or not plan.add:
             return plan
         try:
             if info is None:
                 await conn.create_stream(stream_config(config, plan.add))
-                logger.info("created stream %s", config.stream_name,
-                            extra={"stream": config.stream_name, "subjects": list(plan.add)})
+                logger.info(
+                    "created stream %s",
+                    config.stream_name,
+                    extra={"stream": config.stream_name, "subjects": list(plan.add)},
+                )
             else:
                 # Start from the server's own config so replicas, limits, retention and the
                 # duplicate window survive; only the subject list changes.
                 updated = dict(info["config"])
                 updated["subjects"] = list(updated.get("subjects") or []) + list(plan.add)
                 await conn.update_stream(updated)
-                logger.info("added subjects to stream %s", config.stream_name,
-                            extra={"stream": config.stream_name, "subjects": list(plan.add)})
+                logger.info(
+                    "added subjects to stream %s",
+                    config.stream_name,
+                    extra={"stream": config.stream_name, "subjects": list(plan.add)},
+                )
         except JetStreamApiError as exc:
             if exc.err_code not in RETRYABLE_STREAM_ERRORS:
                 raise
-            logger.info("stream %s changed under us (%s); re-reading", config.stream_name,
-                        exc.err_code, extra={"attempt": attempt})
+            logger.info(
+                "stream %s changed under us (%s); re-reading",
+                config.stream_name,
+                exc.err_code,
+                extra={"attempt": attempt},
+            )
         # Updates are last-writer-wins: another process may have replaced our subject list,
         # so re-read until every subject we need is covered here or owned elsewhere.
         await asyncio.sleep(random.uniform(0.01, 0.05) * attempt)
     _, plan = await _plan(conn, config)
     if plan.add:
-        logger.error("stream %s did not converge after %d attempts; missing %s",
-                     config.stream_name, MAX_ATTEMPTS, ", ".join(plan.add),
-                     extra={"stream": config.stream_name, "missing": list(plan.add)})
+        logger.error(
+            "stream %s did not converge after %d attempts; missing %s",
+            config.stream_name,
+            MAX_ATTEMPTS,
+            ", ".join(plan.add),
+            extra={"stream": config.stream_name, "missing": list(plan.add)},
+        )
     return plan
 
 
@@ -147,8 +173,9 @@ async def _stream_capturing(conn: Connection, config: BridgeConfig, subject: str
     return ordered[0] if ordered else None
 
 
-async def _ensure_consumer(conn: Connection, config: BridgeConfig, durable: str,
-                           report: TopologyReport, *, dry_run: bool) -> None:
+async def _ensure_consumer(
+    conn: Connection, config: BridgeConfig, durable: str, report: TopologyReport, *, dry_run: bool
+) -> None:
     subject = config.subjects.subscribe
     stream = await _stream_capturing(conn, config, subject)
     if stream is None:
@@ -165,8 +192,9 @@ async def _ensure_consumer(conn: Connection, config: BridgeConfig, durable: str,
         if not dry_run:
             try:
                 await conn.create_consumer(stream, desired, action="create")
-                logger.info("created consumer %s", target, extra={"stream": stream,
-                                                                   "durable": durable})
+                logger.info(
+                    "created consumer %s", target, extra={"stream": stream, "durable": durable}
+                )
             except JetStreamApiError as exc:
                 if exc.err_code != ERR_CONSUMER_EXISTS:
                     raise
@@ -183,13 +211,19 @@ async def _ensure_consumer(conn: Connection, config: BridgeConfig, durable: str,
         return
     try:
         await conn.create_consumer(stream, desired, action="update")
-        logger.info("updated consumer %s", target,
-                    extra={"stream": stream, "durable": durable, "changes": differences})
+        logger.info(
+            "updated consumer %s",
+            target,
+            extra={"stream": stream, "durable": durable, "changes": differences},
+        )
     except JetStreamApiError as exc:
         logger.warning(
             "server refused to update consumer %s (%s); deleting and re-creating it from its "
-            "ack floor", target, exc, extra={"stream": stream, "durable": durable,
-                                             "changes": differences})
+            "ack floor",
+            target,
+            exc,
+            extra={"stream": stream, "durable": durable, "changes": differences},
+        )
         floor = int((info.get("ack_floor") or {}).get("stream_seq") or 0)
         recreated = dict(desired)
         if floor:
@@ -197,8 +231,9 @@ async def _ensure_consumer(conn: Connection, config: BridgeConfig, durable: str,
             recreated.update(deliver_policy="by_start_sequence", opt_start_seq=floor + 1)
         await conn.delete_consumer(stream, durable)
         await conn.create_consumer(stream, recreated, action="create")
-        report.add("recreate-consumer", target, f"resumes at stream sequence {floor + 1}",
-                   change=True)
+        report.add(
+            "recreate-consumer", target, f"resumes at stream sequence {floor + 1}", change=True
+        )
 
 
 async def ensure_topology_async(

@@ -20,6 +20,18 @@ def _fresh_config() -> Iterator[None]:
     reload_config()
 
 
+@pytest.fixture(autouse=True)
+def _close_async_view_connections() -> Iterator[None]:
+    """Close the DB connection Django's test client leaves open in asgiref's sync thread."""
+    yield
+    import asyncio
+
+    from asgiref.sync import sync_to_async
+    from django.db import connections
+
+    asyncio.run(sync_to_async(connections.close_all)())
+
+
 @pytest.fixture
 def is_postgres() -> bool:
     return connection.vendor == "postgresql"

@@ -30,6 +30,8 @@ def stream_messages(name: str) -> list[Any]:
     async def read(conn: Connection) -> list[Any]:
         info = await conn.stream_info(name)
         assert info is not None
+        if info["state"]["messages"] == 0:
+            return []
         first, last = info["state"]["first_seq"], info["state"]["last_seq"]
         messages = []
         for seq in range(first, last + 1):
@@ -41,7 +43,14 @@ def stream_messages(name: str) -> list[Any]:
     return nats(read)
 
 
-def manage(*args: str, env: dict[str, str], timeout: float = 120,
-           check: bool = False) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "django", *args], env=env, text=True,
-                          capture_output=True, timeout=timeout, check=check)
+def manage(
+    *args: str, env: dict[str, str], timeout: float = 120, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "django", *args],
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        check=check,
+    )

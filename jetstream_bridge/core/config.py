@@ -15,7 +15,14 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .durations import format_duration, parse_duration
-from .subjects import Subjects, dlq_subject, is_reserved, stream_name, subject_problem, token_problem
+from .subjects import (
+    Subjects,
+    dlq_subject,
+    is_reserved,
+    stream_name,
+    subject_problem,
+    token_problem,
+)
 
 DEFAULT_BACKOFF = ("1s", "5s", "15s", "30s", "60s")
 STORAGE_CHOICES = ("file", "memory")
@@ -251,8 +258,15 @@ class _Parser:
                 )
         return tuple(result)
 
-    def integer(self, key: str, default: int | None, *, minimum: int, maximum: int | None = None,
-                allow_none: bool = False) -> Any:
+    def integer(
+        self,
+        key: str,
+        default: int | None,
+        *,
+        minimum: int,
+        maximum: int | None = None,
+        allow_none: bool = False,
+    ) -> Any:
         value = self.get(key, default)
         if value is None and allow_none:
             return None
@@ -274,8 +288,16 @@ class _Parser:
         value = self.get(key, default)
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false",
-                                                         "no", "off"):
+        if isinstance(value, str) and value.lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+            "0",
+            "false",
+            "no",
+            "off",
+        ):
             return value.lower() in ("1", "true", "yes", "on")
         self.problem(
             "E010",
@@ -302,8 +324,12 @@ class _Parser:
         if value is None or value == "":
             return None
         if not isinstance(value, str):
-            self.problem("E007", key, f"JETSTREAM_BRIDGE[{key!r}] must be a string.",
-                         f"Write {key!r}: '...'.")
+            self.problem(
+                "E007",
+                key,
+                f"JETSTREAM_BRIDGE[{key!r}] must be a string.",
+                f"Write {key!r}: '...'.",
+            )
             return None
         return value
 
@@ -314,8 +340,12 @@ class _Parser:
         if value is None or value == "":
             return None
         if not isinstance(value, str):
-            self.problem("E007", key, f"JETSTREAM_BRIDGE[{key!r}] must be a string.",
-                         f"Read it from the environment, e.g. {key!r}: env('NATS_{key}').")
+            self.problem(
+                "E007",
+                key,
+                f"JETSTREAM_BRIDGE[{key!r}] must be a string.",
+                f"Read it from the environment, e.g. {key!r}: env('NATS_{key}').",
+            )
             return None
         return Secret(value)
 
@@ -353,18 +383,24 @@ class _Parser:
         if problem is None and is_reserved(value):
             problem = "must not overlap JetStream's own $JS.API subjects"
         if problem:
-            self.problem("E011", key, f"JETSTREAM_BRIDGE[{key!r}] = {value!r} {problem}.",
-                         f"Leave it out to use {default!r}, or write a dotted subject with no "
-                         "wildcards.")
+            self.problem(
+                "E011",
+                key,
+                f"JETSTREAM_BRIDGE[{key!r}] = {value!r} {problem}.",
+                f"Leave it out to use {default!r}, or write a dotted subject with no wildcards.",
+            )
             return default
         return str(value)
 
     def stream(self, default: str) -> str:
         value = self.get("STREAM_NAME", default)
         if not isinstance(value, str) or not _STREAM_NAME.match(value) or len(value) > 255:
-            self.problem("E011", "STREAM_NAME",
-                         f"JETSTREAM_BRIDGE['STREAM_NAME'] = {value!r} is not a valid stream name.",
-                         f"Use letters, digits, '-' and '_' only, e.g. {default!r}.")
+            self.problem(
+                "E011",
+                "STREAM_NAME",
+                f"JETSTREAM_BRIDGE['STREAM_NAME'] = {value!r} is not a valid stream name.",
+                f"Use letters, digits, '-' and '_' only, e.g. {default!r}.",
+            )
             return default
         return value
 
@@ -375,17 +411,20 @@ def parse_config(raw: object) -> tuple[BridgeConfig | None, list[Problem]]:
     The config is ``None`` when any problem is an error.
     """
     if not isinstance(raw, Mapping):
-        return None, [Problem(
-            "E001",
-            f"JETSTREAM_BRIDGE must be a dict, got {type(raw).__name__}.",
-            "Write JETSTREAM_BRIDGE = {'DESTINATION_APP': 'billing'} in your settings.",
-        )]
+        return None, [
+            Problem(
+                "E001",
+                f"JETSTREAM_BRIDGE must be a dict, got {type(raw).__name__}.",
+                "Write JETSTREAM_BRIDGE = {'DESTINATION_APP': 'billing'} in your settings.",
+            )
+        ]
     p = _Parser(raw)
     for key in raw:
         if key not in KNOWN_KEYS:
             close = difflib.get_close_matches(str(key).upper(), KNOWN_KEYS, n=1, cutoff=0.6)
-            hint = (f"Did you mean {close[0]!r}?" if close
-                    else f"Known keys: {', '.join(KNOWN_KEYS)}.")
+            hint = (
+                f"Did you mean {close[0]!r}?" if close else f"Known keys: {', '.join(KNOWN_KEYS)}."
+            )
             p.problem("E002", str(key), f"JETSTREAM_BRIDGE has an unknown key {key!r}.", hint)
 
     env = p.token("ENV", "development")
@@ -403,10 +442,13 @@ def parse_config(raw: object) -> tuple[BridgeConfig | None, list[Problem]]:
     else:
         dest = p.token("DESTINATION_APP", None)
     if app and dest and app == dest:
-        p.problem("W001", "DESTINATION_APP",
-                  f"APP_NAME and DESTINATION_APP are both {app!r}; the service would consume "
-                  "its own events.",
-                  "Give each service its own APP_NAME and point DESTINATION_APP at the other.")
+        p.problem(
+            "W001",
+            "DESTINATION_APP",
+            f"APP_NAME and DESTINATION_APP are both {app!r}; the service would consume "
+            "its own events.",
+            "Give each service its own APP_NAME and point DESTINATION_APP at the other.",
+        )
 
     max_deliver = p.integer("MAX_DELIVER", 5, minimum=1)
     backoff = p.durations("BACKOFF", DEFAULT_BACKOFF)
@@ -421,8 +463,12 @@ def parse_config(raw: object) -> tuple[BridgeConfig | None, list[Problem]]:
             f"MAX_DELIVER to {len(backoff)}.",
         )
     if any(b <= 0 for b in backoff):
-        p.problem("E005", "BACKOFF", "JETSTREAM_BRIDGE['BACKOFF'] delays must be positive.",
-                  "Write 'BACKOFF': ['1s', '5s', '15s'].")
+        p.problem(
+            "E005",
+            "BACKOFF",
+            "JETSTREAM_BRIDGE['BACKOFF'] delays must be positive.",
+            "Write 'BACKOFF': ['1s', '5s', '15s'].",
+        )
 
     env_for_defaults = env or "development"
     relay_lease = p.duration("RELAY_LEASE", "60s")
@@ -441,21 +487,38 @@ def parse_config(raw: object) -> tuple[BridgeConfig | None, list[Problem]]:
     token = p.secret("TOKEN")
     nkey_seed = p.secret("NKEY_SEED")
     creds_file = p.optional_text("CREDS_FILE")
-    methods = [name for name, value in (("USER/PASSWORD", user or password), ("TOKEN", token),
-                                        ("NKEY_SEED", nkey_seed), ("CREDS_FILE", creds_file))
-               if value]
+    methods = [
+        name
+        for name, value in (
+            ("USER/PASSWORD", user or password),
+            ("TOKEN", token),
+            ("NKEY_SEED", nkey_seed),
+            ("CREDS_FILE", creds_file),
+        )
+        if value
+    ]
     if len(methods) > 1:
-        p.problem("E014", methods[1].split("/")[0],
-                  f"JETSTREAM_BRIDGE sets more than one authentication method: "
-                  f"{', '.join(methods)}.",
-                  "Keep exactly one of USER/PASSWORD, TOKEN, NKEY_SEED or CREDS_FILE.")
+        p.problem(
+            "E014",
+            methods[1].split("/")[0],
+            f"JETSTREAM_BRIDGE sets more than one authentication method: {', '.join(methods)}.",
+            "Keep exactly one of USER/PASSWORD, TOKEN, NKEY_SEED or CREDS_FILE.",
+        )
     if (user is None) != (password is None):
-        p.problem("E014", "PASSWORD", "JETSTREAM_BRIDGE sets USER without PASSWORD or the "
-                  "other way round.", "Set both 'USER' and 'PASSWORD', or neither.")
+        p.problem(
+            "E014",
+            "PASSWORD",
+            "JETSTREAM_BRIDGE sets USER without PASSWORD or the other way round.",
+            "Set both 'USER' and 'PASSWORD', or neither.",
+        )
     tls_cert, tls_key = p.optional_text("TLS_CERT_FILE"), p.optional_text("TLS_KEY_FILE")
     if (tls_cert is None) != (tls_key is None):
-        p.problem("E014", "TLS_KEY_FILE", "TLS_CERT_FILE and TLS_KEY_FILE must be set together.",
-                  "Set both for a client certificate, or neither.")
+        p.problem(
+            "E014",
+            "TLS_KEY_FILE",
+            "TLS_CERT_FILE and TLS_KEY_FILE must be set together.",
+            "Set both for a client certificate, or neither.",
+        )
 
     kwargs: dict[str, Any] = dict(
         nats_urls=p.urls(),
@@ -500,9 +563,12 @@ def parse_config(raw: object) -> tuple[BridgeConfig | None, list[Problem]]:
     for key in ("OUTBOX_MODEL", "INBOX_MODEL"):
         value = kwargs[key.lower()]
         if not isinstance(value, str) or value.count(".") != 1:
-            p.problem("E012", key, f"JETSTREAM_BRIDGE[{key!r}] = {value!r} is not an "
-                      "'app_label.ModelName' string.",
-                      f"Write {key!r}: 'myapp.MyModel', or leave it out for the built-in model.")
+            p.problem(
+                "E012",
+                key,
+                f"JETSTREAM_BRIDGE[{key!r}] = {value!r} is not an 'app_label.ModelName' string.",
+                f"Write {key!r}: 'myapp.MyModel', or leave it out for the built-in model.",
+            )
     if any(problem.is_error for problem in p.problems):
         return None, p.problems
     return BridgeConfig(**kwargs), p.problems
@@ -515,4 +581,3 @@ def describe_keys() -> list[tuple[str, str]]:
 
 def first_error(problems: Sequence[Problem]) -> Problem | None:
     return next((p for p in problems if p.is_error), None)
-

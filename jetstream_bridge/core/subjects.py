@@ -35,7 +35,7 @@ def subject_problem(subject: object, *, allow_wildcards: bool = True) -> str | N
         if token in ("*", ">"):
             if not allow_wildcards:
                 return "must not contain wildcards"
-            if token == ">" and index != len(tokens) - 1:
+            if token == ">" and index != len(tokens) - 1:  # noqa: S105 - a wildcard
                 return "'>' is only allowed as the last token"
             continue
         problem = token_problem(token)

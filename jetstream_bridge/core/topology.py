@@ -117,8 +117,14 @@ def consumer_config(config: BridgeConfig, durable: str, filter_subject: str) -> 
 
 
 # Fields compared when reconciling an existing durable with the settings.
-RECONCILED_FIELDS = ("filter_subject", "ack_policy", "ack_wait", "max_deliver", "backoff",
-                     "max_ack_pending")
+RECONCILED_FIELDS = (
+    "filter_subject",
+    "ack_policy",
+    "ack_wait",
+    "max_deliver",
+    "backoff",
+    "max_ack_pending",
+)
 
 
 def consumer_differences(desired: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

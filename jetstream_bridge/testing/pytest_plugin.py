@@ -38,7 +38,7 @@ def _docker_available() -> bool:
         import docker  # type: ignore[import-untyped]
 
         docker.from_env().ping()
-    except Exception:  # noqa: BLE001 - any failure means "no engine"
+    except Exception:
         return False
     return True
 
@@ -59,8 +59,8 @@ def nats_server() -> Iterator[Any]:
         except ServerNotFound:
             provider = "docker" if _docker_available() else "embedded"
     if provider == "docker":
-        from testcontainers.core.container import DockerContainer  # type: ignore[import-untyped]
-        from testcontainers.core.waiting_utils import wait_for_logs  # type: ignore[import-untyped]
+        from testcontainers.core.container import DockerContainer
+        from testcontainers.core.waiting_utils import wait_for_logs
 
         container = DockerContainer("nats:2.11-alpine").with_command("-js").with_exposed_ports(4222)
         with container:

@@ -98,13 +98,16 @@ class NatsServer:
         if self.process and self.process.poll() is None:
             return self
         command = [self.binary, "-c", self._config_file(), "-l", self.log_file]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"nats-server exited with {self.process.returncode}; "
-                                   f"see {self.log_file}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"nats-server exited with {self.process.returncode}; "
+                    f"see {self.log_file}:\n{self.log_tail()}"
+                )
             if self._ready():
                 return self
             time.sleep(0.02)
@@ -152,6 +155,10 @@ class NatsServer:
     def __enter__(self) -> NatsServer:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.cleanup()

@@ -17,8 +17,9 @@ from jetstream_bridge.runtime import get_runtime
 
 
 def make_config(url: str, **extra: Any):  # type: ignore[no-untyped-def]
-    config, problems = parse_config({"DESTINATION_APP": "b", "NATS_URLS": [url],
-                                     "CONNECT_TIMEOUT": "3s", **extra})
+    config, problems = parse_config(
+        {"DESTINATION_APP": "b", "NATS_URLS": [url], "CONNECT_TIMEOUT": "3s", **extra}
+    )
     assert config is not None, problems
     return config
 
@@ -44,7 +45,8 @@ def test_connection__publishes_and_reads_back(nats_server: Any) -> None:
         assert stored is not None
         assert stored.data == b'{"a":1}'
         assert stored.headers["Nats-Msg-Id"] == "m-1"
-        assert info is not None and info["state"]["messages"] == 1
+        assert info is not None
+        assert info["state"]["messages"] == 1
 
     asyncio.run(scenario())
 
@@ -77,8 +79,9 @@ def test_connection__unreachable_url_fails_fast_and_redacts_the_password() -> No
     asyncio.run(scenario())
 
 
-def test_runtime__sync_callers_share_one_connection(nats_server: Any, jetstream_bridge: Any
-                                                    ) -> None:
+def test_runtime__sync_callers_share_one_connection(
+    nats_server: Any, jetstream_bridge: Any
+) -> None:
     runtime = get_runtime()
 
     async def create(conn: Connection) -> None:
@@ -100,8 +103,9 @@ def test_runtime__sync_callers_share_one_connection(nats_server: Any, jetstream_
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
-def test_runtime__publish_from_a_forked_child_works(nats_server: Any, jetstream_bridge: Any
-                                                    ) -> None:
+def test_runtime__publish_from_a_forked_child_works(
+    nats_server: Any, jetstream_bridge: Any
+) -> None:
     runtime = get_runtime()
     runtime.call(lambda conn: _with_stream(conn, "FORK", "fork.>"))
     runtime.call(lambda conn: conn.publish("fork.parent", b"parent"))  # parent is connected

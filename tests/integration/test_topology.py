@@ -39,10 +39,15 @@ def test_ensure__fresh_server_creates_stream_and_consumer_then_is_a_no_op(
     assert [a.kind for a in second.actions] == ["skip", "skip", "skip", "skip"]
 
 
-def test_ensure__backoff_reaches_the_server_in_nanoseconds(jetstream_bridge: Any,
-                                                           settings: Any) -> None:
-    settings.JETSTREAM_BRIDGE = {**settings.JETSTREAM_BRIDGE, "ACK_WAIT": "2s",
-                                 "BACKOFF": ["1s", "3s", "10s"], "MAX_DELIVER": 4}
+def test_ensure__backoff_reaches_the_server_in_nanoseconds(
+    jetstream_bridge: Any, settings: Any
+) -> None:
+    settings.JETSTREAM_BRIDGE = {
+        **settings.JETSTREAM_BRIDGE,
+        "ACK_WAIT": "2s",
+        "BACKOFF": ["1s", "3s", "10s"],
+        "MAX_DELIVER": 4,
+    }
     from jetstream_bridge.conf import get_config
 
     config = get_config()
@@ -55,12 +60,16 @@ def test_ensure__backoff_reaches_the_server_in_nanoseconds(jetstream_bridge: Any
 
 
 def test_ensure__another_stream_owning_the_wildcard_keeps_its_subjects(
-    jetstream_bridge: Any, caplog: pytest.LogCaptureFixture,
+    jetstream_bridge: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     config = jetstream_bridge
     wildcard = f"{config.env}.data.sync.>"
-    nats(lambda c: c.create_stream({"name": "TEAM-WIDE", "subjects": [wildcard],
-                                    "storage": "memory"}))
+    nats(
+        lambda c: c.create_stream(
+            {"name": "TEAM-WIDE", "subjects": [wildcard], "storage": "memory"}
+        )
+    )
     try:
         with caplog.at_level(logging.WARNING, logger="jetstream_bridge"):
             report = ensure_topology(durable=DURABLE)
@@ -84,12 +93,16 @@ def test_ensure__another_stream_owning_the_wildcard_keeps_its_subjects(
 
 def test_ensure__stream_owning_only_the_dlq_leaves_the_other_two(jetstream_bridge: Any) -> None:
     config = jetstream_bridge
-    nats(lambda c: c.create_stream({"name": "DLQ-OWNER", "subjects": [config.subjects.dlq],
-                                    "storage": "memory"}))
+    nats(
+        lambda c: c.create_stream(
+            {"name": "DLQ-OWNER", "subjects": [config.subjects.dlq], "storage": "memory"}
+        )
+    )
     try:
         report = ensure_topology(durable=DURABLE)
         assert sorted(stream_subjects(config.stream_name)) == sorted(
-            [config.subjects.publish, config.subjects.subscribe])
+            [config.subjects.publish, config.subjects.subscribe]
+        )
         assert report.consumer_stream == config.stream_name
         assert any(a.kind == "skip" and "DLQ-OWNER" in a.detail for a in report.actions)
     finally:
@@ -125,13 +138,21 @@ def test_ensure__adding_a_subject_preserves_the_streams_own_settings(
 
 def test_ensure__covered_subjects_are_not_added_again(jetstream_bridge: Any) -> None:
     config = jetstream_bridge
-    nats(lambda c: c.create_stream({"name": config.stream_name,
-                                    "subjects": [f"{config.env}.data.sync.*.*"],
-                                    "storage": "memory"}))
+    nats(
+        lambda c: c.create_stream(
+            {
+                "name": config.stream_name,
+                "subjects": [f"{config.env}.data.sync.*.*"],
+                "storage": "memory",
+            }
+        )
+    )
     report = ensure_topology()
     # publish and subscribe (5 tokens) are covered; the 4-token DLQ subject is not.
-    assert stream_subjects(config.stream_name) == [f"{config.env}.data.sync.*.*",
-                                                   config.subjects.dlq]
+    assert stream_subjects(config.stream_name) == [
+        f"{config.env}.data.sync.*.*",
+        config.subjects.dlq,
+    ]
     covered = [a.target for a in report.actions if "covered by" in a.detail]
     assert covered == [config.subjects.publish, config.subjects.subscribe]
     assert ensure_topology().in_sync
@@ -146,15 +167,22 @@ def test_ensure__covered_subjects_are_not_added_again(jetstream_bridge: Any) -> 
     ],
 )
 def test_ensure__existing_durable_is_reconciled_with_the_settings(
-    jetstream_bridge: Any, existing: dict[str, Any], difference: str,
+    jetstream_bridge: Any,
+    existing: dict[str, Any],
+    difference: str,
 ) -> None:
     config = jetstream_bridge
     ensure_topology()
-    stale = {"durable_name": DURABLE, "ack_policy": "explicit",
-             "filter_subject": config.subjects.subscribe, "ack_wait": to_nanos(30),
-             "max_deliver": 5}
-    stale.update({k: v.format(env=config.env) if isinstance(v, str) else v
-                  for k, v in existing.items()})
+    stale = {
+        "durable_name": DURABLE,
+        "ack_policy": "explicit",
+        "filter_subject": config.subjects.subscribe,
+        "ack_wait": to_nanos(30),
+        "max_deliver": 5,
+    }
+    stale.update(
+        {k: v.format(env=config.env) if isinstance(v, str) else v for k, v in existing.items()}
+    )
     nats(lambda c: c.create_consumer(config.stream_name, stale))
     report = ensure_topology(durable=DURABLE)
     assert any(a.kind == "update-consumer" and difference in a.detail for a in report.actions)
@@ -173,40 +201,51 @@ def test_ensure__durable_the_server_cannot_update_is_recreated_from_its_ack_floo
 
     async def prepare(conn: Connection) -> None:
         # A push consumer cannot become a pull consumer: the server refuses the update.
-        await conn.create_consumer(config.stream_name, {
-            "durable_name": DURABLE, "ack_policy": "explicit", "deliver_subject": "push.here",
-            "filter_subject": config.subjects.subscribe})
+        await conn.create_consumer(
+            config.stream_name,
+            {
+                "durable_name": DURABLE,
+                "ack_policy": "explicit",
+                "deliver_subject": "push.here",
+                "filter_subject": config.subjects.subscribe,
+            },
+        )
 
     nats(prepare)
     report = ensure_topology(durable=DURABLE)
-    assert [a.kind for a in report.actions if a.change] == ["update-consumer",
-                                                            "recreate-consumer"]
+    assert [a.kind for a in report.actions if a.change] == ["update-consumer", "recreate-consumer"]
     info = nats(lambda c: c.consumer_info(config.stream_name, DURABLE))["config"]
     assert not info.get("deliver_subject")
     assert ensure_topology(durable=DURABLE).in_sync
 
 
 def test_ensure_command__check_exit_codes(subprocess_env: dict[str, str]) -> None:
-    differs = manage("jetstream_ensure_topology", "--check", "--durable", DURABLE,
-                     env=subprocess_env)
+    differs = manage(
+        "jetstream_ensure_topology", "--check", "--durable", DURABLE, env=subprocess_env
+    )
     assert differs.returncode == 1, differs.stderr
     assert "create stream" in differs.stdout
     applied = manage("jetstream_ensure_topology", "--durable", DURABLE, env=subprocess_env)
     assert applied.returncode == 0, applied.stderr
-    in_sync = manage("jetstream_ensure_topology", "--check", "--durable", DURABLE,
-                     env=subprocess_env)
+    in_sync = manage(
+        "jetstream_ensure_topology", "--check", "--durable", DURABLE, env=subprocess_env
+    )
     assert in_sync.returncode == 0, in_sync.stderr
     assert "in sync" in in_sync.stdout
-    down = manage("jetstream_ensure_topology", "--check",
-                  env={**subprocess_env, "NATS_URLS": "nats://ops:hunter2@127.0.0.1:1"},
-                  timeout=30)
+    down = manage(
+        "jetstream_ensure_topology",
+        "--check",
+        env={**subprocess_env, "NATS_URLS": "nats://ops:hunter2@127.0.0.1:1"},
+        timeout=30,
+    )
     assert down.returncode == 2
     assert "127.0.0.1:1" in down.stderr
     assert "hunter2" not in down.stderr + down.stdout
 
 
-def test_ensure_command__dry_run_changes_nothing(subprocess_env: dict[str, str],
-                                                 jetstream_bridge: Any) -> None:
+def test_ensure_command__dry_run_changes_nothing(
+    subprocess_env: dict[str, str], jetstream_bridge: Any
+) -> None:
     result = manage("jetstream_ensure_topology", "--dry-run", env=subprocess_env)
     assert result.returncode == 0, result.stderr
     assert "plan (nothing changed)" in result.stdout
@@ -215,17 +254,30 @@ def test_ensure_command__dry_run_changes_nothing(subprocess_env: dict[str, str],
 
 @pytest.mark.slow
 def test_ensure__eight_processes_for_two_apps_converge_on_one_stream(
-    subprocess_env: dict[str, str], jetstream_bridge: Any,
+    subprocess_env: dict[str, str],
+    jetstream_bridge: Any,
 ) -> None:
     config = jetstream_bridge
     processes = []
     for index in range(8):
         app, dest = ("alpha", "beta") if index % 2 else ("beta", "alpha")
         env = {**subprocess_env, "APP_NAME": app, "DESTINATION_APP": dest}
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "django", "jetstream_ensure_topology",
-             "--durable", f"{app}-events"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "django",
+                    "jetstream_ensure_topology",
+                    "--durable",
+                    f"{app}-events",
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     results = [(p.wait(timeout=120), p.stderr.read() if p.stderr else "") for p in processes]
     for process in processes:
         for stream in (process.stdout, process.stderr):
@@ -234,10 +286,12 @@ def test_ensure__eight_processes_for_two_apps_converge_on_one_stream(
     assert [code for code, _ in results] == [0] * 8, results
     streams = nats(lambda c: c.stream_names(subject=f"{config.env}.>"))
     assert streams == [config.stream_name]
-    assert sorted(stream_subjects(config.stream_name)) == sorted([
-        f"{config.env}.data.sync.alpha.beta",
-        f"{config.env}.data.sync.beta.alpha",
-        f"{config.env}.data.sync.dlq",
-    ])
+    assert sorted(stream_subjects(config.stream_name)) == sorted(
+        [
+            f"{config.env}.data.sync.alpha.beta",
+            f"{config.env}.data.sync.beta.alpha",
+            f"{config.env}.data.sync.dlq",
+        ]
+    )
     for app in ("alpha", "beta"):
         assert nats(lambda c, a=app: c.consumer_info(config.stream_name, f"{a}-events"))

@@ -14,8 +14,9 @@ class Effect(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["consumer", "event_id"],
-                                               name="testapp_effect_once")]
+        constraints = [
+            models.UniqueConstraint(fields=["consumer", "event_id"], name="testapp_effect_once")
+        ]
 
 
 class MinimalOutbox(models.Model):

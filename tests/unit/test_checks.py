@@ -69,21 +69,31 @@ def test_check__unimportable_model_is_E012() -> None:
     assert "INSTALLED_APPS" in message.hint
 
 
-@override_settings(JETSTREAM_BRIDGE={"DESTINATION_APP": "b", "OUTBOX_MODEL": "testapp.BrokenOutbox"})
+@override_settings(
+    JETSTREAM_BRIDGE={"DESTINATION_APP": "b", "OUTBOX_MODEL": "testapp.BrokenOutbox"}
+)
 def test_check__custom_model_missing_fields_is_E013() -> None:
     [message] = run_checks()
     assert message.id == "jetstream_bridge.E013"
-    assert message.msg == ("testapp.BrokenOutbox is missing field(s) the bridge needs: subject, "
-                           "payload, status.")
+    assert message.msg == (
+        "testapp.BrokenOutbox is missing field(s) the bridge needs: subject, payload, status."
+    )
 
 
-@override_settings(JETSTREAM_BRIDGE={"DESTINATION_APP": "b", "OUTBOX_MODEL": "testapp.MinimalOutbox"})
+@override_settings(
+    JETSTREAM_BRIDGE={"DESTINATION_APP": "b", "OUTBOX_MODEL": "testapp.MinimalOutbox"}
+)
 def test_check__minimal_custom_model_is_accepted() -> None:
     assert run_checks() == []
 
 
-@override_settings(JETSTREAM_BRIDGE={"DESTINATION_APP": "b", "OUTBOX_MODEL": "testapp.BrokenOutbox",
-                                     "USE_OUTBOX": False})
+@override_settings(
+    JETSTREAM_BRIDGE={
+        "DESTINATION_APP": "b",
+        "OUTBOX_MODEL": "testapp.BrokenOutbox",
+        "USE_OUTBOX": False,
+    }
+)
 def test_check__models_of_disabled_features_are_not_checked() -> None:
     assert run_checks() == []
 

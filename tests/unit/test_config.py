@@ -29,8 +29,14 @@ def test_parse_config__minimal_settings_give_documented_defaults() -> None:
 
 
 def test_parse_config__derives_stream_and_dlq_from_env() -> None:
-    config, _ = parse_config({"DESTINATION_APP": "b", "ENV": "prod", "ACK_WAIT": "1m",
-                              "NATS_URLS": "nats://a:4222, nats://b:4222"})
+    config, _ = parse_config(
+        {
+            "DESTINATION_APP": "b",
+            "ENV": "prod",
+            "ACK_WAIT": "1m",
+            "NATS_URLS": "nats://a:4222, nats://b:4222",
+        }
+    )
     assert config is not None
     assert config.stream_name == "prod-jetstream-bridge-stream"
     assert config.dlq_subject == "prod.data.sync.dlq"
@@ -80,8 +86,9 @@ def test_parse_config__hints_say_exactly_what_to_write() -> None:
     _, problems = parse_config({})
     assert "'DESTINATION_APP': 'billing'" in problems[0].hint
     _, problems = parse_config({"DESTINATION_APP": "b", "MAX_DELIVER": 3})
-    assert problems[0].hint == ("Shorten BACKOFF to at most 3 values (e.g. ['1s', '5s', '15s']) "
-                                "or raise MAX_DELIVER to 5.")
+    assert problems[0].hint == (
+        "Shorten BACKOFF to at most 3 values (e.g. ['1s', '5s', '15s']) or raise MAX_DELIVER to 5."
+    )
 
 
 def test_parse_config__reports_every_problem_at_once() -> None:
@@ -89,11 +96,13 @@ def test_parse_config__reports_every_problem_at_once() -> None:
 
 
 def test_config_repr__never_shows_secrets() -> None:
-    config, problems = parse_config({
-        "DESTINATION_APP": "b",
-        "NATS_URLS": ["nats://alice:hunter2@10.0.0.1:4222", "nats://s3cr3tt0ken@h:4222"],
-        "NKEY_SEED": "SUAIBDPBAUTWCWBKIO6XHQNINK5FWJW4OHLXC3HQ2KFE4PEJUA44CNHTC4",
-    })
+    config, problems = parse_config(
+        {
+            "DESTINATION_APP": "b",
+            "NATS_URLS": ["nats://alice:hunter2@10.0.0.1:4222", "nats://s3cr3tt0ken@h:4222"],
+            "NKEY_SEED": "SUAIBDPBAUTWCWBKIO6XHQNINK5FWJW4OHLXC3HQ2KFE4PEJUA44CNHTC4",
+        }
+    )
     assert problems == []
     text = repr(config) + str(config)
     for secret in ("hunter2", "s3cr3tt0ken", "SUAIBDPB"):

@@ -8,15 +8,27 @@ from jetstream_bridge.core.retry import RetryPolicy
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [("500ms", 0.5), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("7d", 604800.0),
-     ("1.5s", 1.5), (" 2 s ", 2.0), ("10", 10.0), (10, 10.0), (0.25, 0.25), (0, 0.0)],
+    [
+        ("500ms", 0.5),
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("7d", 604800.0),
+        ("1.5s", 1.5),
+        (" 2 s ", 2.0),
+        ("10", 10.0),
+        (10, 10.0),
+        (0.25, 0.25),
+        (0, 0.0),
+    ],
 )
 def test_parse_duration__accepts_units_and_numbers(value: object, seconds: float) -> None:
     assert parse_duration(value) == seconds
 
 
-@pytest.mark.parametrize("value", ["", "5x", "s", "-1s", "1 hour", None, True, [], float("nan"),
-                                   -3])
+@pytest.mark.parametrize(
+    "value", ["", "5x", "s", "-1s", "1 hour", None, True, [], float("nan"), -3]
+)
 def test_parse_duration__rejects_garbage(value: object) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(value)
@@ -27,8 +39,10 @@ def test_to_nanos__is_what_the_jetstream_api_expects() -> None:
     assert to_nanos(0.5) == 500_000_000
 
 
-@pytest.mark.parametrize(("seconds", "text"), [(30.0, "30s"), (300.0, "5m"), (0.5, "500ms"),
-                                               (7200.0, "2h"), (1.25, "1.25s")])
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(30.0, "30s"), (300.0, "5m"), (0.5, "500ms"), (7200.0, "2h"), (1.25, "1.25s")],
+)
 def test_format_duration__round_trips(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
     assert parse_duration(text) == seconds

@@ -17,15 +17,22 @@ from jetstream_bridge.core.errors import InvalidEvent, MalformedEnvelope
 
 
 def _build(**overrides: object) -> dict:
-    kwargs: dict = dict(producer="orders", resource_type="user", event_type="created",
-                        payload={"id": 42, "name": "Ada"})
+    kwargs: dict = dict(
+        producer="orders",
+        resource_type="user",
+        event_type="created",
+        payload={"id": 42, "name": "Ada"},
+    )
     kwargs.update(overrides)
     return build_envelope(**kwargs)
 
 
 def test_build_envelope__has_every_field_and_infers_resource_id() -> None:
-    envelope = _build(occurred_at=datetime(2025, 8, 13, 21, 0, tzinfo=timezone.utc),
-                      trace_id="abc", event_id="e-1")
+    envelope = _build(
+        occurred_at=datetime(2025, 8, 13, 21, 0, tzinfo=timezone.utc),
+        trace_id="abc",
+        event_id="e-1",
+    )
     assert envelope == {
         "event_id": "e-1",
         "schema_version": 1,
@@ -92,12 +99,22 @@ def test_build_envelope__rejects_deeply_nested_payloads() -> None:
         (b"\xff\xfe", "not JSON"),
         (b"not json", "not JSON"),
         (b"[1,2]", "JSON list, not an object"),
-        (json.dumps({"event_type": "x", "resource_type": "y", "payload": {}}).encode(),
-         "missing required field(s): event_id"),
-        (json.dumps({"event_id": "", "event_type": "x", "resource_type": "y",
-                     "payload": {}}).encode(), "event_id must be a non-empty string"),
-        (json.dumps({"event_id": "1", "event_type": "x", "resource_type": "y",
-                     "payload": "text"}).encode(), "payload must be a JSON object"),
+        (
+            json.dumps({"event_type": "x", "resource_type": "y", "payload": {}}).encode(),
+            "missing required field(s): event_id",
+        ),
+        (
+            json.dumps(
+                {"event_id": "", "event_type": "x", "resource_type": "y", "payload": {}}
+            ).encode(),
+            "event_id must be a non-empty string",
+        ),
+        (
+            json.dumps(
+                {"event_id": "1", "event_type": "x", "resource_type": "y", "payload": "text"}
+            ).encode(),
+            "payload must be a JSON object",
+        ),
         (b"[" * 100_000, "not JSON"),
     ],
 )

@@ -9,15 +9,20 @@ from ..base import EXIT_FAILED, BridgeCommand
 
 
 class Command(BridgeCommand):
-    help = ("Create or update the JetStream stream (and with --durable the pull consumer) so "
-            "they match JETSTREAM_BRIDGE. Safe to run from many processes at once.")
+    help = (
+        "Create or update the JetStream stream (and with --durable the pull consumer) so "
+        "they match JETSTREAM_BRIDGE. Safe to run from many processes at once."
+    )
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument("--durable", help="also ensure this durable pull consumer")
         parser.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-        parser.add_argument("--check", action="store_true",
-                            help="change nothing; exit 1 if the server differs, 0 if in sync, "
-                                 "2 if NATS is unreachable")
+        parser.add_argument(
+            "--check",
+            action="store_true",
+            help="change nothing; exit 1 if the server differs, 0 if in sync, "
+            "2 if NATS is unreachable",
+        )
 
     def run(self, **options: Any) -> None:
         dry_run = options["dry_run"] or options["check"]

@@ -1,0 +1,12 @@
+from __future__ import annotations
+
+from django.db import models
+
+
+class Invoice(models.Model):
+    order_number = models.CharField(max_length=32, unique=True)
+    amount_cents = models.PositiveIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"invoice for {self.order_number}"

@@ -1,0 +1,369 @@
+"""Publish domain events: ``Publisher().publish(...)`` and ``await Publisher().publish_async(...)``.
+
+With the outbox on, the event row is written in the caller's transaction, so it exists if and
+only if the business data commits; after commit the fast path publishes it from the shared
+connection without blocking the caller, and ``jetstream_relay`` sends whatever the fast path
+could not. With the outbox off, a publish inside a transaction waits for the commit
+(``transaction.on_commit``) and a publish outside one is sent at once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import queue
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from asgiref.sync import sync_to_async
+from django.db import connections, transaction
+
+from . import outbox
+from .conf import get_config
+from .connection import Connection, PubAck
+from .core.config import BridgeConfig
+from .core.envelope import MSG_ID_HEADER, build_envelope, encode
+from .core.errors import PayloadTooLarge
+from .runtime import get_runtime
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_PAYLOAD = 1024 * 1024  # the server's default until we have asked it
+
+Status = Literal["sent", "duplicate", "queued", "deferred"]
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """What ``publish`` did.
+
+    ``status`` is ``sent`` (the stream acknowledged it), ``duplicate`` (the stream or the
+    outbox already had this ``event_id``), ``queued`` (written to the outbox; it is published
+    after commit) or ``deferred`` (no outbox; it is published when the transaction commits).
+    """
+
+    event_id: str
+    subject: str
+    status: Status
+    stream: str | None = None
+    stream_seq: int | None = None
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    config: BridgeConfig
+    envelope: dict[str, Any]
+    data: bytes
+    headers: dict[str, str]
+    subject: str
+    explicit_id: bool
+
+    @property
+    def event_id(self) -> str:
+        return str(self.envelope["event_id"])
+
+    def result(self, status: Status, ack: PubAck | None = None) -> PublishResult:
+        if ack is not None and ack.duplicate:
+            status = "duplicate"
+        return PublishResult(
+            self.event_id,
+            self.subject,
+            status,
+            ack.stream if ack else None,
+            ack.seq if ack else None,
+        )
+
+
+class Publisher:
+    """Publish events for ``DESTINATION_APP`` on ``{env}.data.sync.{app}.{dest}``.
+
+    ``using`` names the database alias whose transaction the outbox row joins.
+    """
+
+    def __init__(self, *, using: str | None = None) -> None:
+        self.using = using
+
+    def _prepare(
+        self,
+        *,
+        resource_type: str,
+        event_type: str,
+        payload: Mapping[str, Any],
+        event_id: str | None,
+        trace_id: str | None,
+        occurred_at: datetime | str | None,
+        resource_id: str | None,
+        headers: Mapping[str, str] | None,
+    ) -> _Prepared:
+        config = get_config()
+        envelope = build_envelope(
+            producer=config.app_name,
+            resource_type=resource_type,
+            event_type=event_type,
+            payload=payload,
+            event_id=event_id,
+            trace_id=trace_id,
+            occurred_at=occurred_at,
+            resource_id=resource_id,
+        )
+        data = encode(envelope)
+        limit = get_runtime().max_payload or DEFAULT_MAX_PAYLOAD
+        if len(data) > limit:
+            raise PayloadTooLarge(
+                f"event {envelope['event_id']} is {len(data)} bytes; the server accepts at most "
+                f"{limit}. Publish a reference (an id or URL) instead of the whole document."
+            )
+        extra = {str(k): str(v) for k, v in (headers or {}).items()}
+        return _Prepared(
+            config,
+            envelope,
+            data,
+            {**extra, MSG_ID_HEADER: envelope["event_id"]},
+            config.subjects.publish,
+            explicit_id=event_id is not None,
+        )
+
+    # -- sync ---------------------------------------------------------------------------------
+
+    def publish(
+        self,
+        *,
+        resource_type: str,
+        event_type: str,
+        payload: Mapping[str, Any],
+        event_id: str | None = None,
+        trace_id: str | None = None,
+        occurred_at: datetime | str | None = None,
+        resource_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> PublishResult:
+        """Publish one event; raise ``InvalidEvent`` (nothing written) on bad input."""
+        prepared = self._prepare(
+            resource_type=resource_type,
+            event_type=event_type,
+            payload=payload,
+            event_id=event_id,
+            trace_id=trace_id,
+            occurred_at=occurred_at,
+            resource_id=resource_id,
+            headers=headers,
+        )
+        return self._dispatch(prepared)
+
+    def _dispatch(self, prepared: _Prepared) -> PublishResult:
+        if prepared.config.use_outbox:
+            return self._write_outbox(prepared)
+        if transaction.get_connection(self.using).in_atomic_block:
+            transaction.on_commit(lambda: _send_detached(prepared), using=self.using)
+            logger.debug("publish deferred until commit", extra=_log_fields(prepared))
+            return prepared.result("deferred")
+        ack = get_runtime().call(lambda conn: _send(conn, prepared))
+        return prepared.result("sent", ack)
+
+    def _write_outbox(self, prepared: _Prepared) -> PublishResult:
+        config = prepared.config
+        pk, created = outbox.write_event(
+            config,
+            using=self.using,
+            event_id=prepared.event_id,
+            subject=prepared.subject,
+            envelope=prepared.envelope,
+            headers={k: v for k, v in prepared.headers.items() if k != MSG_ID_HEADER},
+            explicit_id=prepared.explicit_id,
+        )
+        if not created:
+            logger.info("event already in the outbox", extra=_log_fields(prepared))
+            return prepared.result("duplicate")
+        logger.debug("event written to the outbox", extra=_log_fields(prepared))
+        if config.outbox_fast_path:
+            # on_commit runs at once when not in a transaction (the row is already committed).
+            transaction.on_commit(
+                lambda: fast_path().submit(prepared, self.using, pk), using=self.using
+            )
+        return prepared.result("queued")
+
+    # -- async --------------------------------------------------------------------------------
+
+    async def publish_async(
+        self,
+        *,
+        resource_type: str,
+        event_type: str,
+        payload: Mapping[str, Any],
+        event_id: str | None = None,
+        trace_id: str | None = None,
+        occurred_at: datetime | str | None = None,
+        resource_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> PublishResult:
+        """Async twin of ``publish``; database work runs in Django's sync thread."""
+        prepared = self._prepare(
+            resource_type=resource_type,
+            event_type=event_type,
+            payload=payload,
+            event_id=event_id,
+            trace_id=trace_id,
+            occurred_at=occurred_at,
+            resource_id=resource_id,
+            headers=headers,
+        )
+        if prepared.config.use_outbox:
+            return await sync_to_async(self._write_outbox)(prepared)
+
+        def defer_if_in_transaction() -> bool:
+            if not transaction.get_connection(self.using).in_atomic_block:
+                return False
+            transaction.on_commit(lambda: _send_detached(prepared), using=self.using)
+            return True
+
+        if await sync_to_async(defer_if_in_transaction)():
+            return prepared.result("deferred")
+        ack = await get_runtime().run(lambda conn: _send(conn, prepared))
+        return prepared.result("sent", ack)
+
+
+def _log_fields(prepared: _Prepared) -> dict[str, Any]:
+    return {
+        "event_id": prepared.event_id,
+        "subject": prepared.subject,
+        "event_type": prepared.envelope["event_type"],
+        "resource_type": prepared.envelope["resource_type"],
+    }
+
+
+async def _send(conn: Connection, prepared: _Prepared) -> PubAck:
+    ack = await conn.publish(prepared.subject, prepared.data, prepared.headers)
+    logger.debug(
+        "event published",
+        extra={**_log_fields(prepared), "stream_seq": ack.seq, "duplicate": ack.duplicate},
+    )
+    return ack
+
+
+def _send_detached(prepared: _Prepared) -> None:
+    """Publish after commit without an outbox; a failure can only be logged now."""
+
+    def report(future: concurrent.futures.Future[PubAck]) -> None:
+        error = future.exception()
+        if error is not None:
+            logger.error(
+                "publish after commit failed; the event is lost because USE_OUTBOX is off: %s",
+                error,
+                extra=_log_fields(prepared),
+            )
+
+    get_runtime().submit(lambda conn: _send(conn, prepared)).add_done_callback(report)
+
+
+class FastPath:
+    """Publish committed outbox rows at once and record the results in bulk.
+
+    The publish runs on the runtime loop; a small worker thread turns finished publishes into
+    one UPDATE per drained batch. Anything it cannot do stays in the outbox for the relay.
+    """
+
+    def __init__(self) -> None:
+        self._results: queue.SimpleQueue[
+            tuple[_Prepared, str | None, Any, concurrent.futures.Future[PubAck]] | None
+        ]
+        self._results = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._idle = threading.Condition()
+        self._in_flight = 0
+
+    def submit(self, prepared: _Prepared, using: str | None, pk: Any) -> None:
+        with self._idle:
+            self._in_flight += 1
+        self._ensure_worker()
+        future = get_runtime().submit(lambda conn: _send(conn, prepared))
+        future.add_done_callback(lambda f: self._results.put((prepared, using, pk, f)))
+
+    def _ensure_worker(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._work, daemon=True, name="jetstream-bridge-fast-path"
+                )
+                self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            item = self._results.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < 1000:
+                try:
+                    more = self._results.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._results.put(None)
+                    break
+                batch.append(more)
+            try:
+                self._record(batch)
+            except Exception:
+                logger.exception("could not record fast-path results; the relay will resend")
+            finally:
+                if self._results.empty():
+                    # Idle: give the connection back rather than hold it between bursts.
+                    connections.close_all()
+                with self._idle:
+                    self._in_flight -= len(batch)
+                    self._idle.notify_all()
+
+    @staticmethod
+    def _record(
+        batch: list[tuple[_Prepared, str | None, Any, concurrent.futures.Future[PubAck]]],
+    ) -> None:
+        by_target: dict[tuple[int, str | None], tuple[BridgeConfig, list[Any], list[Any]]] = {}
+        for prepared, using, pk, future in batch:
+            key = (id(prepared.config), using)
+            config, sent, failed = by_target.setdefault(key, (prepared.config, [], []))
+            error = future.exception()
+            if error is None:
+                sent.append((pk, future.result().seq))
+            else:
+                logger.warning(
+                    "fast-path publish failed; the relay will retry: %s",
+                    error,
+                    extra=_log_fields(prepared),
+                )
+                failed.append((pk, 1, f"{type(error).__name__}: {error}"))
+        for (_, using), (config, sent, failed) in by_target.items():
+            outbox.mark_sent(config, using=using, sent=sent)
+            if failed:
+                outbox.mark_failed(config, using=using, failed=failed)
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Block until every submitted publish is recorded (tests, graceful shutdown)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+
+_fast_path: FastPath | None = None
+_fast_path_lock = threading.Lock()
+
+
+def fast_path() -> FastPath:
+    global _fast_path
+    if _fast_path is None:
+        with _fast_path_lock:
+            if _fast_path is None:
+                _fast_path = FastPath()
+    return _fast_path
+
+
+def _forget_fast_path() -> None:
+    global _fast_path, _fast_path_lock
+    _fast_path, _fast_path_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_fast_path)

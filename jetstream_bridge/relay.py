@@ -1,0 +1,203 @@
+"""The relay: publish what the fast path did not, from any number of processes at once.
+
+Each round claims a batch with a lease (``outbox.claim_batch``), publishes it pipelined on the
+shared connection, and records the results in bulk, fenced on the lease. Claiming the next
+batch overlaps the previous batch's publishes. A relay that dies leaves its rows leased; once
+the lease expires another relay re-sends them and the stream drops the duplicates by
+``Nats-Msg-Id`` (the duplicate window is validated to be longer than the lease).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db import close_old_connections, connections, router
+
+from . import outbox
+from .conf import get_config
+from .connection import Connection, PubAck
+from .core.config import BridgeConfig
+from .runtime import get_runtime
+
+logger = logging.getLogger(__name__)
+
+Results = list[PubAck | Exception]
+
+
+@dataclass
+class RelayStats:
+    sent: int = 0
+    failed: int = 0
+    batches: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return self.sent / elapsed if elapsed > 0 else 0.0
+
+
+class PollWaker:
+    """Wake every ``interval`` seconds (or at once when stopped)."""
+
+    kind = "polling"
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+
+    def wait(self, timeout: float) -> None:
+        self.stop.wait(timeout)
+
+    def close(self) -> None:
+        pass
+
+
+class PgNotifyWaker(PollWaker):
+    """Wake on PostgreSQL ``NOTIFY`` from the publisher, polling as a fallback."""
+
+    kind = "LISTEN/NOTIFY"
+
+    def __init__(self, stop: threading.Event, alias: str) -> None:
+        super().__init__(stop)
+        import psycopg
+
+        params = connections[alias].get_connection_params()
+        params.pop("cursor_factory", None)
+        params.pop("context", None)
+        self.conn: Any = psycopg.connect(**params, autocommit=True)
+        self.conn.execute(f"LISTEN {outbox.NOTIFY_CHANNEL}")
+        self.alias = alias
+
+    def verify(self, timeout: float = 2.0) -> bool:
+        """Send a notification through Django's own connection and wait for it here."""
+        with connections[self.alias].cursor() as cursor:
+            cursor.execute("SELECT pg_notify(%s, 'probe')", [outbox.NOTIFY_CHANNEL])
+        if not connections[self.alias].get_autocommit():
+            connections[self.alias].commit()
+        return any(True for _ in self.conn.notifies(timeout=timeout, stop_after=1))
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            # Short slices so SIGTERM is noticed quickly.
+            for _ in self.conn.notifies(timeout=min(remaining, 0.5), stop_after=1):
+                return
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class Relay:
+    """Drain the outbox to JetStream. ``run()`` loops; ``drain()`` empties what is due."""
+
+    def __init__(
+        self,
+        *,
+        using: str | None = None,
+        batch_size: int | None = None,
+        max_in_flight: int = 256,
+        config: BridgeConfig | None = None,
+    ) -> None:
+        self.config = config or get_config()
+        self.using = using or router.db_for_write(outbox.outbox_model(self.config))
+        self.batch_size = batch_size or self.config.relay_batch_size
+        self.max_in_flight = max_in_flight
+        self.stop = threading.Event()
+        self.stats = RelayStats()
+
+    def _publish(self, rows: list[outbox.ClaimedRow]) -> concurrent.futures.Future[Results]:
+        items = [(row.subject, row.body, row.headers) for row in rows]
+
+        async def job(conn: Connection) -> Results:
+            return await conn.publish_many(items, max_in_flight=self.max_in_flight)
+
+        return get_runtime().submit(job)
+
+    def _record(self, token: str, rows: list[outbox.ClaimedRow], results: Results) -> None:
+        sent, failed = [], []
+        for row, result in zip(rows, results):
+            if isinstance(result, Exception):
+                failed.append((row.pk, row.attempts, f"{type(result).__name__}: {result}"))
+            else:
+                sent.append((row.pk, result.seq))
+        recorded = outbox.mark_sent(self.config, using=self.using, sent=sent, token=token)
+        if recorded < len(sent):
+            # Our lease expired and another relay took these rows; it will record them.
+            logger.warning("lease lost before recording", extra={"rows": len(sent) - recorded})
+        if failed:
+            outbox.mark_failed(self.config, using=self.using, failed=failed, token=token)
+            logger.warning(
+                "relay publish failed for %d row(s): %s",
+                len(failed),
+                failed[0][2],
+                extra={"failed": len(failed)},
+            )
+        self.stats.sent += recorded
+        self.stats.failed += len(failed)
+        self.stats.batches += 1
+
+    def drain(self) -> int:
+        """Publish everything due now; return how many rows were claimed."""
+        claimed = 0
+        pending: tuple[str, list[outbox.ClaimedRow], concurrent.futures.Future[Results]] | None
+        pending = None
+        try:
+            while not self.stop.is_set():
+                token, rows = outbox.claim_batch(
+                    self.config, using=self.using, limit=self.batch_size
+                )
+                if pending is not None:
+                    self._record(pending[0], pending[1], pending[2].result())
+                    pending = None
+                if not rows:
+                    break
+                claimed += len(rows)
+                pending = (token, rows, self._publish(rows))
+        finally:
+            if pending is not None:  # stopping: finish the batch in hand
+                self._record(pending[0], pending[1], pending[2].result())
+        return claimed
+
+    def _waker(self) -> PollWaker:
+        if connections[self.using].vendor != "postgresql":
+            return PollWaker(self.stop)
+        try:
+            waker = PgNotifyWaker(self.stop, self.using)
+            if waker.verify():
+                return waker
+            waker.close()
+            logger.warning("PostgreSQL notifications did not arrive; falling back to polling")
+        except Exception as exc:
+            logger.warning("LISTEN/NOTIFY unavailable (%s); falling back to polling", exc)
+        return PollWaker(self.stop)
+
+    def run(self, *, once: bool = False) -> RelayStats:
+        """Relay until ``stop`` is set (or, with ``once``, until nothing is due)."""
+        if once:
+            self.drain()
+            return self.stats
+        waker = self._waker()
+        logger.info("relay started", extra={"wake": waker.kind, "batch_size": self.batch_size})
+        try:
+            while not self.stop.is_set():
+                try:
+                    claimed = self.drain()
+                except Exception:
+                    logger.exception("relay round failed; retrying")
+                    close_old_connections()
+                    claimed = 0
+                    self.stop.wait(self.config.relay_poll_interval)
+                if claimed == 0:
+                    waker.wait(self.config.relay_poll_interval)
+                close_old_connections()
+        finally:
+            waker.close()
+        return self.stats
