@@ -141,9 +141,24 @@ class StoredMessage:
 def _tls_context(config: BridgeConfig) -> ssl.SSLContext | None:
     if not (config.tls_ca_file or config.tls_cert_file):
         return None
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=config.tls_ca_file)
+    # A missing, unreadable or mismatched file would otherwise escape ``connect()`` as a bare
+    # OSError/ssl.SSLError, outside our exception tree; name the setting to fix instead.
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=config.tls_ca_file)
+    except (OSError, ValueError) as exc:
+        raise AuthenticationFailed(
+            f"cannot load TLS_CA_FILE {config.tls_ca_file!r}: {exc}"
+        ) from exc
     if config.tls_cert_file and config.tls_key_file:
-        context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+        try:
+            # An encrypted key must fail, not make OpenSSL prompt on the terminal (a hang).
+            context.load_cert_chain(config.tls_cert_file, config.tls_key_file, password=b"")
+        except (OSError, ValueError) as exc:
+            raise AuthenticationFailed(
+                f"cannot load TLS_CERT_FILE {config.tls_cert_file!r} with TLS_KEY_FILE "
+                f"{config.tls_key_file!r}: {exc} (the key must be unencrypted PEM and match "
+                "the certificate)"
+            ) from exc
     return context
 
 
@@ -155,8 +170,33 @@ def _auth_options(config: BridgeConfig) -> dict[str, Any]:
     if config.token:
         options["token"] = config.token.reveal()
     if config.nkey_seed:
+        # nats-py only decodes the seed mid-connect, and a bad one then surfaces as "could not
+        # connect ... is the server running?". Check it here; ``from None`` keeps the decoder's
+        # own exceptions (which could quote the input) out of every traceback.
+        try:
+            import nkeys
+
+            nkeys.from_seed(bytearray(config.nkey_seed.reveal().strip().encode())).wipe()
+        except ImportError:
+            raise AuthenticationFailed(
+                "NKEY_SEED needs the nkeys package: pip install nkeys"
+            ) from None
+        except Exception:
+            raise AuthenticationFailed(
+                "NKEY_SEED in JETSTREAM_BRIDGE is not a valid nkey seed (a user seed starts "
+                "with 'SU')."
+            ) from None
         options["nkeys_seed_str"] = config.nkey_seed.reveal()
     if config.creds_file:
+        # nats-py reads the file on every (re)connect; an unreadable one would look like an
+        # unreachable server until CONNECT_TIMEOUT. Fail at once, naming the setting.
+        try:
+            with open(config.creds_file, "rb"):
+                pass
+        except OSError as exc:
+            raise AuthenticationFailed(
+                f"cannot read CREDS_FILE {config.creds_file!r}: {exc.strerror or exc}"
+            ) from None
         options["user_credentials"] = config.creds_file
     tls = _tls_context(config)
     if tls is not None:
@@ -178,6 +218,75 @@ def _api_error(error: Mapping[str, Any]) -> JetStreamApiError:
     )
 
 
+class _PullChannel:
+    """One inbox subscription that receives the messages pulled for one durable consumer."""
+
+    def __init__(self, nc: NatsClient, stream: str, durable: str) -> None:
+        self.nc = nc
+        self.durable = durable
+        self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self.inbox = nc.new_inbox()
+        self.queue: asyncio.Queue[NatsMsg] = asyncio.Queue()
+
+    @classmethod
+    async def open(cls, nc: NatsClient, stream: str, durable: str) -> _PullChannel:
+        channel = cls(nc, stream, durable)
+
+        async def deliver(msg: NatsMsg) -> None:
+            channel.queue.put_nowait(msg)
+
+        await nc.subscribe(channel.inbox, cb=deliver)
+        return channel
+
+    def leftovers(self, limit: int) -> list[NatsMsg]:
+        """Take messages that arrived after an earlier pull gave up; drop stale statuses."""
+        msgs: list[NatsMsg] = []
+        while len(msgs) < limit and not self.queue.empty():
+            msg = self.queue.get_nowait()
+            if not _status(msg):
+                msgs.append(msg)
+        return msgs
+
+    async def pull(self, count: int, timeout: float, *, wait: bool = False) -> list[NatsMsg]:
+        body: dict[str, Any] = {"batch": count}
+        if wait:
+            body["expires"] = max(1, round(timeout * 1e9) - 50_000_000)
+        else:
+            body["no_wait"] = True
+        await self.nc.publish(self.next_subject, json.dumps(body).encode(), reply=self.inbox)
+        msgs: list[NatsMsg] = []
+        deadline = time.monotonic() + timeout + (0.5 if wait else 0.0)
+        while len(msgs) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                msg = await asyncio.wait_for(self.queue.get(), remaining)
+            except asyncio.TimeoutError:
+                break
+            status = _status(msg)
+            if not status:
+                msgs.append(msg)
+            elif status == "100":  # idle heartbeat
+                continue
+            elif status == "409" and "deleted" in _description(msg).lower():
+                raise ConsumerNotFound(f"consumer {self.durable} was deleted", code=409)
+            elif status == "503":
+                raise ConsumerNotFound(f"consumer {self.durable} is not available", code=503)
+            else:  # 404 no messages, 408 request expired, 409 limits: this pull is over
+                break
+        return msgs
+
+
+def _status(msg: NatsMsg) -> str:
+    headers = msg.headers or {}
+    return str(headers.get("Status", "")) if not msg.data else ""
+
+
+def _description(msg: NatsMsg) -> str:
+    return str((msg.headers or {}).get("Description", ""))
+
+
 class Connection:
     """One NATS connection with the JetStream operations the bridge needs.
 
@@ -190,7 +299,7 @@ class Connection:
         self._nc: NatsClient | None = None
         self._connect_lock = asyncio.Lock()
         self._last_error: BaseException | None = None
-        self._subscriptions: dict[tuple[str, str], Any] = {}
+        self._subscriptions: dict[tuple[str, str], _PullChannel] = {}
         self._closing = False
         self._failure: NatsError | None = None
         self._retry_after = 0.0
@@ -239,7 +348,18 @@ class Connection:
 
         async def on_error(exc: Exception) -> None:
             self._last_error = exc
-            if isinstance(exc, (nats.errors.AuthorizationError, ssl.SSLError)):
+            # During the first connect nats-py reports the server's "-ERR 'Authorization
+            # Violation'" as a plain nats.errors.Error, not AuthorizationError, and then retries
+            # forever: without the text check, wrong credentials looked like a dead server.
+            refused_login = isinstance(exc, nats.errors.Error) and any(
+                marker in str(exc).lower()
+                for marker in (
+                    "authorization violation",
+                    "authentication expired",
+                    "authentication revoked",
+                )
+            )
+            if refused_login or isinstance(exc, (nats.errors.AuthorizationError, ssl.SSLError)):
                 auth_failed.set()
             logger.warning(
                 "nats error: %s",
@@ -571,31 +691,28 @@ class Connection:
     # -- consuming ---------------------------------------------------------------------------
 
     async def fetch(self, stream: str, durable: str, batch: int, timeout: float) -> list[Delivery]:
-        """Pull up to ``batch`` messages, waiting at most ``timeout`` when none are ready."""
+        """Pull up to ``batch`` messages; wait at most ``timeout`` only when none are ready.
+
+        Unlike nats-py's ``fetch``, this returns as soon as something is available instead of
+        waiting for the batch to fill: first a ``no_wait`` pull for whatever is ready, then,
+        if nothing was, a long pull for one message followed by a ``no_wait`` top-up.
+        """
         nc = await self._client()
-        key = (stream, durable)
-        sub = self._subscriptions.get(key)
-        if sub is None:
-            async with self._translated(f"bind to consumer {durable}"):
-                sub = await nc.jetstream().pull_subscribe_bind(durable=durable, stream=stream)
-            self._subscriptions[key] = sub
-        try:
-            async with self._translated(f"fetch from {durable}"):
-                msgs = await sub.fetch(batch, timeout=timeout)
-        except NatsUnavailable as exc:
-            if (
-                isinstance(exc.__cause__, (nats.errors.TimeoutError, asyncio.TimeoutError))
-                and nc.is_connected
-            ):
-                return []  # nothing arrived within the long poll
-            raise
-        except NatsError as exc:
-            if isinstance(exc.__cause__, nats.js.errors.APIError):
-                cause = exc.__cause__
-                if cause.code == 404 or cause.code == 409:
-                    self._subscriptions.pop(key, None)
-                    raise ConsumerNotFound(str(cause.description), code=cause.code or 0) from exc
-            raise
+        channel = self._subscriptions.get((stream, durable))
+        if channel is None:
+            async with self._translated(f"subscribe for consumer {durable}"):
+                channel = await _PullChannel.open(nc, stream, durable)
+            self._subscriptions[(stream, durable)] = channel
+        async with self._translated(f"fetch from {durable}"):
+            msgs = channel.leftovers(batch)
+            if len(msgs) < batch:
+                msgs += await channel.pull(batch - len(msgs), self.config.request_timeout)
+            if not msgs:
+                msgs = await channel.pull(1, timeout, wait=True)
+                if msgs and batch > 1:
+                    msgs += await channel.pull(batch - 1, self.config.request_timeout)
+        if not msgs and not nc.is_connected:
+            raise NatsUnavailable(f"fetch from {durable}: not connected to {self.urls_for_humans}")
         return [Delivery(self, msg) for msg in msgs]
 
     async def _reply_to(self, reply: str, body: bytes) -> None:

@@ -16,17 +16,17 @@ from django.utils import timezone
 
 
 class OutboxStatus(models.TextChoices):
-    PENDING = "pending", "pending"
-    PUBLISHING = "publishing", "publishing"
-    SENT = "sent", "sent"
-    FAILED = "failed", "failed"
+    PENDING = "pending"
+    PUBLISHING = "publishing"
+    SENT = "sent"
+    FAILED = "failed"
 
 
 class InboxStatus(models.TextChoices):
-    RECEIVED = "received", "received"
-    PROCESSING = "processing", "processing"
-    PROCESSED = "processed", "processed"
-    FAILED = "failed", "failed"
+    RECEIVED = "received"
+    PROCESSING = "processing"
+    PROCESSED = "processed"
+    FAILED = "failed"
 
 
 UNSENT = (OutboxStatus.PENDING, OutboxStatus.FAILED)

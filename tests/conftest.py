@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -48,6 +49,8 @@ def subprocess_env(nats_server, jetstream_bridge) -> dict[str, str]:  # type: ig
     env["PYTHONPATH"] = str(ROOT)
     env["NATS_URLS"] = nats_server.url
     env["NATS_ENV"] = jetstream_bridge.env
+    # Whatever the test set in settings.JETSTREAM_BRIDGE before requesting this fixture.
+    env["JSB_TEST_OVERRIDES"] = json.dumps(settings.JETSTREAM_BRIDGE)
     if db["ENGINE"].endswith("sqlite3"):
         env["DATABASE_URL"] = f"sqlite:///{db['NAME']}"
     else:

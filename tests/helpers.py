@@ -54,3 +54,82 @@ def manage(
         timeout=timeout,
         check=check,
     )
+
+
+def stream_count(name: str) -> int:
+    """How many messages stream ``name`` stores (0 when it does not exist)."""
+    info = nats(lambda c: c.stream_info(name))
+    return int(info["state"]["messages"]) if info else 0
+
+
+def stream_msg_ids(name: str, *, concurrency: int = 128) -> list[str]:
+    """The ``Nats-Msg-Id`` of every stored message, in stream order (read concurrently)."""
+    import asyncio
+
+    from jetstream_bridge.core.envelope import MSG_ID_HEADER
+
+    async def read(conn: Connection) -> list[str]:
+        info = await conn.stream_info(name)
+        assert info is not None, f"stream {name} does not exist"
+        state = info["state"]
+        if state["messages"] == 0:
+            return []
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(seq: int) -> Any:
+            async with gate:
+                return await conn.get_message(name, seq)
+
+        seqs = range(state["first_seq"], state["last_seq"] + 1)
+        messages = await asyncio.gather(*(one(seq) for seq in seqs))
+        return [m.headers.get(MSG_ID_HEADER, "") for m in messages if m is not None]
+
+    return get_runtime().call(read, timeout=120)
+
+
+def spawn(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    """Start ``python -m django *args`` without waiting (for signals and concurrency)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "django", *args],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def publish_incoming(
+    config: Any,
+    count: int,
+    *,
+    payload: dict[str, Any] | None = None,
+    producer: str | None = None,
+    start: int = 0,
+) -> list[str]:
+    """Publish ``count`` envelopes as the peer app would, to our subscribe subject."""
+    from jetstream_bridge.core.envelope import build_envelope, encode
+
+    envelopes = [
+        build_envelope(
+            producer=producer or config.destination_app,
+            resource_type="order",
+            event_type="created",
+            payload={"id": start + i, **(payload or {})},
+        )
+        for i in range(count)
+    ]
+    items = [
+        (config.subjects.subscribe, encode(e), {"Nats-Msg-Id": e["event_id"]}) for e in envelopes
+    ]
+
+    async def send(conn: Connection) -> None:
+        results = await conn.publish_many(items)
+        errors = [r for r in results if isinstance(r, Exception)]
+        assert not errors, errors[:3]
+
+    nats(send)
+    return [e["event_id"] for e in envelopes]
+
+
+def publish_raw(config: Any, data: bytes, headers: dict[str, str] | None = None) -> int:
+    return nats(lambda c: c.publish(config.subjects.subscribe, data, headers)).seq

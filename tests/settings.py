@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
@@ -70,6 +71,9 @@ JETSTREAM_BRIDGE = {
     "DESTINATION_APP": env.str("DESTINATION_APP", default="beta"),
     "CONNECT_TIMEOUT": "3s",
 }
+
+# Worker subprocesses started by tests receive the test's own overrides (see conftest).
+JETSTREAM_BRIDGE.update(json.loads(os.environ.get("JSB_TEST_OVERRIDES", "{}")))
 
 LOGGING = {
     "version": 1,

@@ -39,24 +39,26 @@ def test_ensure__fresh_server_creates_stream_and_consumer_then_is_a_no_op(
     assert [a.kind for a in second.actions] == ["skip", "skip", "skip", "skip"]
 
 
-def test_ensure__backoff_reaches_the_server_in_nanoseconds(
+def test_ensure__consumer_gets_ack_wait_in_nanoseconds_and_no_server_backoff(
     jetstream_bridge: Any, settings: Any
 ) -> None:
     settings.JETSTREAM_BRIDGE = {
         **settings.JETSTREAM_BRIDGE,
-        "ACK_WAIT": "2s",
+        "ACK_WAIT": "45s",
         "BACKOFF": ["1s", "3s", "10s"],
         "MAX_DELIVER": 4,
+        "MAX_ACK_PENDING": 200,
     }
     from jetstream_bridge.conf import get_config
 
     config = get_config()
     ensure_topology(durable=DURABLE)
     info = nats(lambda c: c.consumer_info(config.stream_name, DURABLE))
-    # The server swaps ack_wait for backoff[0]; each value is raised to at least ACK_WAIT.
-    assert info["config"]["backoff"] == [2_000_000_000, 3_000_000_000, 10_000_000_000]
-    assert info["config"]["ack_wait"] == 2_000_000_000
+    assert info["config"]["ack_wait"] == 45_000_000_000
     assert info["config"]["max_deliver"] == 4
+    assert info["config"]["max_ack_pending"] == 200
+    # BACKOFF is applied with delayed NAKs; a server backoff would override ack_wait.
+    assert "backoff" not in info["config"]
 
 
 def test_ensure__another_stream_owning_the_wildcard_keeps_its_subjects(
@@ -164,6 +166,7 @@ def test_ensure__covered_subjects_are_not_added_again(jetstream_bridge: Any) -> 
         ({"filter_subject": "{env}.data.sync.other.alpha"}, "filter_subject"),
         ({"max_deliver": 9}, "max_deliver"),
         ({"backoff": [to_nanos(30), to_nanos(40)], "ack_wait": to_nanos(30)}, "backoff"),
+        ({"ack_wait": to_nanos(5)}, "ack_wait"),
     ],
 )
 def test_ensure__existing_durable_is_reconciled_with_the_settings(
@@ -189,7 +192,8 @@ def test_ensure__existing_durable_is_reconciled_with_the_settings(
     info = nats(lambda c: c.consumer_info(config.stream_name, DURABLE))["config"]
     assert info["filter_subject"] == config.subjects.subscribe
     assert info["max_deliver"] == 5
-    assert info["backoff"] == [to_nanos(30)] * 3 + [to_nanos(30)]
+    assert info["ack_wait"] == to_nanos(30)
+    assert "backoff" not in info
     assert ensure_topology(durable=DURABLE).in_sync
 
 

@@ -1,0 +1,444 @@
+"""Durable pull consumer: fetch a batch, handle it in one database transaction, then settle.
+
+Per batch: ``close_old_connections()``, one ``transaction.atomic()`` with a savepoint per
+message (a failing handler rolls back only its own writes), the inbox row written in the same
+savepoint as the handler's writes, and acks sent only after the transaction commits. A crash
+before the commit applies nothing; a crash after it leaves unacked messages that the inbox
+recognises when they come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from asgiref.sync import async_to_sync, iscoroutinefunction, sync_to_async
+from django.db import (
+    DatabaseError,
+    IntegrityError,
+    close_old_connections,
+    connections,
+    router,
+    transaction,
+)
+
+from .conf import get_config
+from .connection import Connection, Delivery
+from .core import dlq
+from .core.config import BridgeConfig
+from .core.envelope import decode
+from .core.errors import ConsumerNotFound, MalformedEnvelope, NatsError, RejectMessage
+from .core.retry import RetryPolicy
+from .handlers import Handler, HandlerRegistry, autodiscover, registry
+from .inbox import Inbox, Seen, inbox_model
+from .models import InboxStatus
+from .runtime import get_runtime
+from .topology import ensure_topology_async
+
+logger = logging.getLogger(__name__)
+
+IDLE_CHECK_EVERY = 30.0  # seconds of idleness before re-checking the consumer exists
+
+
+class Verdict(enum.Enum):
+    ACK = "ack"
+    RETRY = "retry"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    delivery: Delivery
+    verdict: Verdict
+    delay: float = 0.0
+    dead: dlq.DeadLetter | None = None
+    duplicate: bool = False
+
+
+@dataclass
+class ConsumerStats:
+    processed: int = 0
+    duplicates: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    batches: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def handled(self) -> int:
+        return self.processed + self.duplicates + self.retried + self.dead_lettered
+
+
+class Consumer:
+    """Consume ``{env}.data.sync.{dest}.{app}`` with a durable pull consumer.
+
+    ``handler`` (sync or ``async def``, called as ``handler(event, subject, deliveries)``)
+    handles every event; without it the registry decides per resource/event type.
+    """
+
+    def __init__(
+        self,
+        *,
+        durable_name: str,
+        batch_size: int = 25,
+        handler: Handler | None = None,
+        registry: HandlerRegistry = registry,
+        using: str | None = None,
+        idle_timeout: float = 1.0,
+        max_messages: int | None = None,
+        stop_when_idle: bool = False,
+        config: BridgeConfig | None = None,
+    ) -> None:
+        self.config = config or get_config()
+        self.durable = durable_name
+        self.batch_size = batch_size
+        self.handler = handler
+        self.registry = registry
+        self.using = using or router.db_for_write(inbox_model(self.config))
+        self.idle_timeout = idle_timeout
+        self.max_messages = max_messages
+        self.stop_when_idle = stop_when_idle
+        self.policy = RetryPolicy(self.config.max_deliver, self.config.backoff)
+        self.stop = threading.Event()
+        self.stats = ConsumerStats()
+        self.stream = ""
+        self._keepalive_every = self.config.ack_wait / 3
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> ConsumerStats:
+        """Run until SIGTERM/SIGINT (or the configured limits); return the counts."""
+        if threading.current_thread() is threading.main_thread():
+
+            def stop(signum: int, frame: FrameType | None) -> None:
+                logger.info("stopping after the batch in hand", extra={"signal": signum})
+                self.stop.set()
+
+            signal.signal(signal.SIGTERM, stop)
+            signal.signal(signal.SIGINT, stop)
+        return asyncio.run(self.run_async())
+
+    async def run_async(self) -> ConsumerStats:
+        """Async twin of ``run`` (signals are the caller's business; set ``stop`` to end)."""
+        if self.handler is None:
+            autodiscover()
+            if not len(self.registry):
+                logger.warning("no handlers registered; every event will be dead-lettered")
+        runtime = get_runtime()
+        await self._ensure(runtime)
+        logger.info(
+            "consumer started",
+            extra={"durable": self.durable, "stream": self.stream, "batch_size": self.batch_size},
+        )
+        failures = 0
+        idle_since: float | None = None
+        while not self.stop.is_set() and not self._limit_reached():
+            try:
+                deliveries = await runtime.run(self._fetch)
+            except ConsumerNotFound:
+                logger.warning(
+                    "consumer vanished; ensuring it again", extra={"durable": self.durable}
+                )
+                await self._pause(failures := failures + 1)
+                await self._ensure_quietly(runtime)
+                continue
+            except NatsError as exc:
+                logger.warning("fetch failed: %s", exc, extra={"durable": self.durable})
+                await self._pause(failures := failures + 1)
+                continue
+            failures = 0
+            if not deliveries:
+                if self.stop_when_idle:
+                    break
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since > IDLE_CHECK_EVERY:
+                    # A deleted consumer just looks idle to a pull; check it still exists.
+                    idle_since = None
+                    await self._ensure_quietly(runtime)
+                continue
+            idle_since = None
+            await self._handle_batch(runtime, deliveries)
+        logger.info(
+            "consumer stopped",
+            extra={
+                "durable": self.durable,
+                "processed": self.stats.processed,
+                "dead_lettered": self.stats.dead_lettered,
+            },
+        )
+        return self.stats
+
+    def _limit_reached(self) -> bool:
+        return self.max_messages is not None and self.stats.handled >= self.max_messages
+
+    async def _fetch(self, conn: Connection) -> list[Delivery]:
+        limit = self.batch_size
+        if self.max_messages is not None:
+            limit = max(1, min(limit, self.max_messages - self.stats.handled))
+        return await conn.fetch(self.stream, self.durable, limit, timeout=self.idle_timeout)
+
+    async def _ensure(self, runtime: Any) -> None:
+        report = await runtime.run(
+            lambda conn: ensure_topology_async(conn, self.config, durable=self.durable)
+        )
+        self.stream = report.consumer_stream or self.config.stream_name
+        info = await runtime.run(lambda conn: conn.consumer_info(self.stream, self.durable))
+        if info:
+            # The server may replace ack_wait (with backoff[0]); keep messages alive within it.
+            self._keepalive_every = max(0.2, info["config"]["ack_wait"] / 1e9 / 3)
+
+    async def _ensure_quietly(self, runtime: Any) -> None:
+        try:
+            await self._ensure(runtime)
+        except NatsError as exc:
+            logger.warning("could not ensure the consumer: %s", exc)
+
+    async def _pause(self, failures: int) -> None:
+        delay = min(0.5 * 2 ** min(failures, 5), 10.0)
+        await asyncio.get_running_loop().run_in_executor(None, self.stop.wait, delay)
+
+    async def _handle_batch(self, runtime: Any, deliveries: list[Delivery]) -> None:
+        keepalive = asyncio.ensure_future(self._keep_alive(runtime, deliveries))
+        try:
+            outcomes = await sync_to_async(self._process_batch, thread_sensitive=True)(deliveries)
+        except DatabaseError as exc:
+            # Nothing committed: hand every message back and let the database recover.
+            logger.error(
+                "batch transaction failed; retrying the batch: %s",
+                exc,
+                extra={"durable": self.durable, "messages": len(deliveries)},
+            )
+            outcomes = [Outcome(d, Verdict.RETRY, delay=1.0) for d in deliveries]
+            await sync_to_async(connections.close_all, thread_sensitive=True)()
+        finally:
+            keepalive.cancel()
+        await runtime.run(lambda conn: self._settle(conn, outcomes))
+        self.stats.batches += 1
+
+    async def _keep_alive(self, runtime: Any, deliveries: Sequence[Delivery]) -> None:
+        while True:
+            await asyncio.sleep(self._keepalive_every)
+
+            async def touch(conn: Connection) -> None:
+                for delivery in deliveries:
+                    await delivery.in_progress()
+
+            try:
+                await runtime.run(touch)
+            except NatsError:
+                logger.debug("keep-alive failed", exc_info=True)
+
+    # -- settling (on the runtime loop) ---------------------------------------------------
+
+    async def _settle(self, conn: Connection, outcomes: Sequence[Outcome]) -> None:
+        for outcome in outcomes:
+            delivery = outcome.delivery
+            try:
+                if outcome.verdict is Verdict.ACK:
+                    await delivery.ack()
+                    if outcome.duplicate:
+                        self.stats.duplicates += 1
+                    else:
+                        self.stats.processed += 1
+                elif outcome.verdict is Verdict.RETRY:
+                    await delivery.nak(outcome.delay)
+                    self.stats.retried += 1
+                else:
+                    await self._dead_letter(conn, outcome)
+            except NatsError as exc:
+                # The message comes back after ack_wait; the inbox recognises it.
+                logger.warning(
+                    "could not settle message: %s", exc, extra={"stream_seq": delivery.stream_seq}
+                )
+
+    async def _dead_letter(self, conn: Connection, outcome: Outcome) -> None:
+        delivery, dead = outcome.delivery, outcome.dead
+        assert dead is not None
+        if not self.config.use_dlq:
+            logger.error(
+                "message failed for good and USE_DLQ is off; leaving it to the "
+                "server's max_deliver",
+                extra=_fields(delivery, dead),
+            )
+            await delivery.nak(self.policy.delay_for(delivery.deliveries))
+            self.stats.retried += 1
+            return
+        try:
+            await conn.publish(self.config.subjects.dlq, delivery.data, dead.headers())
+        except NatsError as exc:
+            logger.error(
+                "DLQ publish failed; retrying the message later: %s",
+                exc,
+                extra=_fields(delivery, dead),
+            )
+            await delivery.nak(self.policy.delay_for(delivery.deliveries))
+            self.stats.retried += 1
+            return
+        await delivery.term(f"dead-lettered: {dead.reason}")
+        self.stats.dead_lettered += 1
+        logger.warning("message dead-lettered: %s", dead.reason, extra=_fields(delivery, dead))
+
+    # -- processing (in Django's sync thread) ---------------------------------------------
+
+    def _process_batch(self, deliveries: list[Delivery]) -> list[Outcome]:
+        close_old_connections()
+        decoded: list[tuple[Delivery, dict[str, Any] | None, Exception | None]] = []
+        for delivery in deliveries:
+            try:
+                decoded.append((delivery, decode(delivery.data), None))
+            except MalformedEnvelope as exc:
+                decoded.append((delivery, None, exc))
+        inbox = Inbox(self.config, self.durable, self.using) if self.config.use_inbox else None
+        with transaction.atomic(using=self.using):
+            seen_ids: dict[str, Seen] = {}
+            seen_seqs: dict[tuple[str, int], Seen] = {}
+            if inbox is not None:
+                seen_ids, seen_seqs = inbox.seen(
+                    [event["event_id"] for _, event, _ in decoded if event],
+                    [(d.stream, d.stream_seq) for d in deliveries],
+                )
+            outcomes = []
+            for delivery, event, error in decoded:
+                seen = None
+                if event is not None:
+                    seen = seen_ids.get(event["event_id"])
+                seen = seen or seen_seqs.get((delivery.stream, delivery.stream_seq))
+                outcomes.append(self._process_one(inbox, delivery, event, error, seen))
+                if (
+                    event is not None
+                    and seen is None
+                    and inbox is not None
+                    and outcomes[-1].verdict is Verdict.ACK
+                ):
+                    # The same event twice in one batch: the second is a duplicate.
+                    seen_ids[event["event_id"]] = Seen(None, InboxStatus.PROCESSED)
+        return outcomes
+
+    def _process_one(
+        self,
+        inbox: Inbox | None,
+        delivery: Delivery,
+        event: dict[str, Any] | None,
+        error: Exception | None,
+        seen: Seen | None,
+    ) -> Outcome:
+        if seen is not None and seen.status == InboxStatus.PROCESSED:
+            return Outcome(delivery, Verdict.ACK, duplicate=True)
+        if event is None:
+            assert error is not None
+            return self._fail(inbox, delivery, None, error, seen, reason=dlq.MALFORMED)
+        fn = self.handler or self.registry.resolve(event["resource_type"], event["event_type"])
+        if fn is None:
+            missing = LookupError(
+                f"no handler registered for {event['resource_type']}/{event['event_type']}"
+            )
+            return self._fail(inbox, delivery, event, missing, seen, reason=dlq.NO_HANDLER)
+        try:
+            with transaction.atomic(using=self.using):  # a savepoint inside the batch
+                if iscoroutinefunction(fn):
+                    async_to_sync(fn)(event, delivery.subject, delivery.deliveries)
+                else:
+                    fn(event, delivery.subject, delivery.deliveries)
+                if inbox is not None:
+                    self._record(inbox, delivery, event, seen, InboxStatus.PROCESSED)
+        except RejectMessage as exc:
+            return self._fail(inbox, delivery, event, exc, seen, reason=dlq.REJECTED)
+        except DatabaseError as exc:
+            if connections[self.using].needs_rollback or not _connection_usable(self.using):
+                raise  # the batch transaction is broken: retry the whole batch
+            return self._fail(inbox, delivery, event, exc, seen, reason=None)
+        except Exception as exc:
+            return self._fail(inbox, delivery, event, exc, seen, reason=None)
+        return Outcome(delivery, Verdict.ACK)
+
+    def _fail(
+        self,
+        inbox: Inbox | None,
+        delivery: Delivery,
+        event: dict[str, Any] | None,
+        error: BaseException,
+        seen: Seen | None,
+        *,
+        reason: str | None,
+    ) -> Outcome:
+        """Record a failure and decide: retry later, or dead-letter now."""
+        if reason is None and self.policy.is_last(delivery.deliveries):
+            reason = dlq.MAX_DELIVER
+        message = f"{type(error).__name__}: {error}"
+        if inbox is not None:
+            try:
+                with transaction.atomic(using=self.using):
+                    self._record(inbox, delivery, event, seen, InboxStatus.FAILED, message)
+            except IntegrityError:
+                # Another worker recorded this event meanwhile; its row is the truth.
+                logger.info("inbox row recorded concurrently", extra={"durable": self.durable})
+        if reason is None:
+            delay = self.policy.delay_for(delivery.deliveries)
+            logger.warning(
+                "handler failed (delivery %d); retrying in %.1fs: %s",
+                delivery.deliveries,
+                delay,
+                message,
+                extra={"durable": self.durable, "stream_seq": delivery.stream_seq},
+            )
+            return Outcome(delivery, Verdict.RETRY, delay=delay)
+        dead = dlq.DeadLetter(
+            reason=reason,
+            error_class=type(error).__name__,
+            error_message=str(error),
+            original_subject=delivery.subject,
+            stream=delivery.stream,
+            stream_seq=delivery.stream_seq,
+            deliveries=delivery.deliveries,
+            consumer=self.durable,
+            event_id=(event or {}).get("event_id"),
+        )
+        return Outcome(delivery, Verdict.DEAD, dead=dead)
+
+    def _record(
+        self,
+        inbox: Inbox,
+        delivery: Delivery,
+        event: dict[str, Any] | None,
+        seen: Seen | None,
+        status: str,
+        error: str | None = None,
+    ) -> None:
+        inbox.record(
+            existing=seen if seen is not None and seen.pk is not None else None,
+            status=status,
+            subject=delivery.subject,
+            stream=delivery.stream,
+            stream_seq=delivery.stream_seq,
+            deliveries=delivery.deliveries,
+            event=event,
+            headers=delivery.headers,
+            error=error,
+        )
+
+
+def _connection_usable(alias: str) -> bool:
+    try:
+        return bool(connections[alias].is_usable())
+    except Exception:
+        return False
+
+
+def _fields(delivery: Delivery, dead: dlq.DeadLetter) -> dict[str, Any]:
+    return {
+        "reason": dead.reason,
+        "error_class": dead.error_class,
+        "subject": delivery.subject,
+        "stream_seq": delivery.stream_seq,
+        "deliveries": delivery.deliveries,
+        "consumer": dead.consumer,
+        "event_id": dead.event_id,
+    }

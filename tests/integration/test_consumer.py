@@ -1,0 +1,300 @@
+"""Consuming against a real nats-server and a real database."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+from django.db import connection
+
+from jetstream_bridge.consumer import Consumer
+from jetstream_bridge.core import dlq
+from jetstream_bridge.core.envelope import build_envelope, encode
+from jetstream_bridge.handlers import HandlerRegistry
+from jetstream_bridge.models import InboxEvent
+from jetstream_bridge.topology import ensure_topology
+from tests.helpers import nats, publish_incoming, publish_raw, stream_messages
+from tests.testapp import handlers
+from tests.testapp.models import Effect
+
+pytestmark = pytest.mark.django_db(transaction=True)
+DURABLE = "alpha-events"
+
+
+@pytest.fixture
+def bridge(jetstream_bridge: Any, settings: Any) -> Any:
+    settings.JETSTREAM_BRIDGE = {
+        **settings.JETSTREAM_BRIDGE,
+        "MAX_DELIVER": 3,
+        "ACK_WAIT": "2s",
+        "BACKOFF": ["200ms", "200ms"],
+    }
+    from jetstream_bridge.conf import get_config
+
+    config = get_config()
+    ensure_topology(durable=DURABLE)
+    handlers.deliveries_seen.clear()
+    return config
+
+
+def consume(handler: Any, *, durable: str = DURABLE, **kwargs: Any) -> Any:
+    kwargs.setdefault("stop_when_idle", True)
+    kwargs.setdefault("idle_timeout", 1.0)
+    consumer = Consumer(durable_name=durable, handler=handler, **kwargs)
+    return asyncio.run(consumer.run_async())
+
+
+def dead_letters(config: Any) -> list[Any]:
+    return [m for m in stream_messages(config.stream_name) if m.subject == config.subjects.dlq]
+
+
+def effects() -> list[str]:
+    return list(Effect.objects.exclude(consumer="attempt").values_list("event_id", flat=True))
+
+
+@pytest.mark.slow
+def test_consume__thousand_events_are_handled_once_each(bridge: Any) -> None:
+    ids = publish_incoming(bridge, 1000)
+    stats = consume(handlers.record_effect, batch_size=100)
+    assert stats.processed == 1000
+    assert sorted(effects()) == sorted(ids)
+    assert InboxEvent.objects.filter(status="processed", consumer=DURABLE).count() == 1000
+    assert consume(handlers.record_effect).handled == 0  # nothing left unacked
+
+
+def test_consume__same_event_in_two_stream_messages_is_handled_once(bridge: Any) -> None:
+    envelope = build_envelope(
+        producer="beta", resource_type="order", event_type="created", payload={"id": 1}
+    )
+    # Different Nats-Msg-Id, so the server stores both: only the inbox can dedupe them.
+    publish_raw(bridge, encode(envelope), {"Nats-Msg-Id": "first"})
+    publish_raw(bridge, encode(envelope), {"Nats-Msg-Id": "second"})
+    stats = consume(handlers.record_effect, batch_size=1)
+    assert (stats.processed, stats.duplicates) == (1, 1)
+    assert effects() == [envelope["event_id"]]
+
+
+def test_consume__duplicate_within_one_batch_is_handled_once(bridge: Any) -> None:
+    envelope = build_envelope(
+        producer="beta", resource_type="order", event_type="created", payload={"id": 1}
+    )
+    publish_raw(bridge, encode(envelope), {"Nats-Msg-Id": "a"})
+    publish_raw(bridge, encode(envelope), {"Nats-Msg-Id": "b"})
+    consume(handlers.record_effect, batch_size=10)
+    assert effects() == [envelope["event_id"]]
+
+
+def test_consume__retries_follow_the_backoff_and_apply_the_effect_once(
+    bridge: Any, settings: Any
+) -> None:
+    settings.JETSTREAM_BRIDGE = {
+        **settings.JETSTREAM_BRIDGE,
+        "MAX_DELIVER": 4,
+        "ACK_WAIT": "1s",
+        "BACKOFF": ["1s", "2s", "2s"],
+    }
+    ensure_topology(durable=DURABLE)
+    [event_id] = publish_incoming(bridge, 1, payload={"fail_times": 2})
+    stats = consume(handlers.flaky, idle_timeout=3.5)
+    times = handlers.deliveries_seen[event_id]
+    assert len(times) == 3
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert gaps[0] == pytest.approx(1.0, abs=0.4)
+    assert gaps[1] == pytest.approx(2.0, abs=0.4)
+    assert effects() == [event_id]
+    assert Effect.objects.filter(consumer="attempt").count() == 1  # failed tries rolled back
+    assert (stats.processed, stats.retried) == (1, 2)
+    row = InboxEvent.objects.get(event_id=event_id)
+    assert (row.status, row.deliveries, row.last_error) == ("processed", 3, None)
+
+
+def test_consume__poison_message_goes_to_the_dlq_after_max_deliver(bridge: Any) -> None:
+    good = publish_incoming(bridge, 5)
+    [poison] = publish_incoming(bridge, 1, payload={"poison": True}, start=100)
+    more = publish_incoming(bridge, 5, start=200)
+    stats = consume(handlers.always_fails, batch_size=4)
+    assert sorted(effects()) == sorted(good + more)
+    assert stats.dead_lettered == 1
+    [letter] = dead_letters(bridge)
+    headers = letter.headers
+    assert headers[dlq.REASON] == dlq.MAX_DELIVER
+    assert headers[dlq.ERROR_CLASS] == "ValueError"
+    assert headers[dlq.ERROR_MESSAGE] == "cannot handle this one"
+    assert headers[dlq.ORIGINAL_SUBJECT] == bridge.subjects.subscribe
+    assert headers[dlq.DELIVERIES] == "3"
+    assert headers[dlq.CONSUMER] == DURABLE
+    assert headers[dlq.EVENT_ID] == poison
+    assert headers[dlq.STREAM] == bridge.stream_name
+    assert int(headers[dlq.STREAM_SEQ]) > 0
+    assert headers[dlq.FAILED_AT].endswith("Z")
+    assert headers["Nats-Msg-Id"] != poison
+    assert json.loads(letter.data)["event_id"] == poison
+    row = InboxEvent.objects.get(event_id=poison)
+    assert (row.status, row.deliveries) == ("failed", 3)
+    assert row.last_error == "ValueError: cannot handle this one"
+    info = nats(lambda c: c.consumer_info(bridge.stream_name, DURABLE))
+    assert info["num_ack_pending"] == 0  # terminated, not waiting for redelivery
+    assert info["num_pending"] == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "reason", "handler"),
+    [
+        (b"\x00\xffnot json", dlq.MALFORMED, handlers.record_effect),
+        (
+            json.dumps({"event_type": "created", "resource_type": "order", "payload": {}}).encode(),
+            dlq.MALFORMED,
+            handlers.record_effect,
+        ),
+        (None, dlq.REJECTED, handlers.rejects),
+    ],
+    ids=["bytes", "no-event-id", "reject"],
+)
+def test_consume__unrecoverable_messages_go_to_the_dlq_on_first_delivery(
+    bridge: Any, body: bytes | None, reason: str, handler: Any
+) -> None:
+    if body is None:
+        body = encode(
+            build_envelope(
+                producer="beta",
+                resource_type="order",
+                event_type="created",
+                payload={"reject": True},
+            )
+        )
+    publish_raw(bridge, body)
+    stats = consume(handler)
+    [letter] = dead_letters(bridge)
+    assert letter.headers[dlq.REASON] == reason
+    assert letter.headers[dlq.DELIVERIES] == "1"
+    assert letter.data == body
+    assert stats.dead_lettered == 1
+    assert effects() == []
+    assert InboxEvent.objects.get().status == "failed"
+
+
+def test_consume__event_without_a_handler_is_dead_lettered_not_dropped(bridge: Any) -> None:
+    publish_incoming(bridge, 1)
+    consume(None, registry=HandlerRegistry())
+    [letter] = dead_letters(bridge)
+    assert letter.headers[dlq.REASON] == dlq.NO_HANDLER
+    assert "order/created" in letter.headers[dlq.ERROR_MESSAGE]
+
+
+def test_consume__registry_dispatches_by_resource_and_event_type(bridge: Any) -> None:
+    registry = HandlerRegistry()
+    seen: list[str] = []
+    registry.register("order", "created", lambda e, s, d: seen.append("exact"))
+    registry.register("order", "*", lambda e, s, d: seen.append("any-event"))
+    publish_incoming(bridge, 1)
+    consume(None, registry=registry)
+    assert seen == ["exact"]
+
+
+def test_consume__async_handler_writes_in_the_batch_transaction(bridge: Any) -> None:
+    ids = publish_incoming(bridge, 3)
+    consume(handlers.async_effect)
+    assert sorted(effects()) == sorted(ids)
+
+
+def test_consume__two_durables_each_process_every_event_once(bridge: Any) -> None:
+    ensure_topology(durable="audit")
+    ids = publish_incoming(bridge, 20)
+    consume(handlers.record_effect)
+    consume(handlers.record_effect, durable="audit")
+    assert sorted(effects()) == sorted(ids + ids)
+    for durable in (DURABLE, "audit"):
+        assert InboxEvent.objects.filter(consumer=durable, status="processed").count() == 20
+
+
+def test_consume__without_inbox_still_acks_after_commit(bridge: Any, settings: Any) -> None:
+    settings.JETSTREAM_BRIDGE = {**settings.JETSTREAM_BRIDGE, "USE_INBOX": False}
+    ids = publish_incoming(bridge, 10)
+    consume(handlers.record_effect)
+    assert sorted(effects()) == sorted(ids)
+    assert InboxEvent.objects.count() == 0
+
+
+def _start_consumer(env: dict[str, str], *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "django",
+            "jetstream_consume",
+            "--durable",
+            DURABLE,
+            "--batch-size",
+            "50",
+            *extra,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_effects(minimum: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        count = Effect.objects.count()
+        if count >= minimum:
+            return count
+        time.sleep(0.05)
+    return Effect.objects.count()
+
+
+@pytest.mark.slow
+def test_consume__sigkill_mid_run_then_restart_applies_each_effect_once(
+    bridge: Any, subprocess_env: dict[str, str]
+) -> None:
+    ids = publish_incoming(bridge, 5000)
+    env = subprocess_env
+    worker = _start_consumer(env, "--handler", "tests.testapp.handlers.record_effect")
+    seen = _wait_for_effects(1000, timeout=60)
+    worker.send_signal(signal.SIGKILL)
+    worker.communicate(timeout=30)
+    assert 0 < seen < 5000, "the kill must land mid-run"
+    restarted = _start_consumer(
+        env,
+        "--handler",
+        "tests.testapp.handlers.record_effect",
+        "--stop-when-idle",
+        "--idle-timeout",
+        "4",
+    )
+    _, err = restarted.communicate(timeout=180)
+    assert restarted.returncode == 0, err
+    applied = effects()
+    assert len(applied) == 5000, f"{len(applied)} effects for 5000 events"
+    assert sorted(applied) == sorted(ids)
+
+
+@pytest.mark.slow
+def test_consume__sigterm_finishes_the_batch_and_exits_zero(
+    bridge: Any, subprocess_env: dict[str, str]
+) -> None:
+    ids = publish_incoming(bridge, 600, payload={"sleep": 0.005})
+    worker = _start_consumer(subprocess_env, "--handler", "tests.testapp.handlers.slow_effect")
+    _wait_for_effects(100, timeout=60)
+    worker.send_signal(signal.SIGTERM)
+    _, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err
+    stopped_at = Effect.objects.count()
+    assert stopped_at < 600, "SIGTERM must stop it before the end"
+    info = nats(lambda c: c.consumer_info(bridge.stream_name, DURABLE))
+    assert info["num_ack_pending"] == 0  # everything in hand was settled
+    consume(handlers.slow_effect, batch_size=100)
+    assert sorted(effects()) == sorted(ids)
+
+
+def test_consume__database_vendor_is_the_one_under_test() -> None:
+    assert connection.vendor in ("sqlite", "postgresql", "mysql")
