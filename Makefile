@@ -25,6 +25,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The fault-injection campaign at full scale (PostgreSQL required, e.g.
+# DATABASE_URL=postgres://postgres@127.0.0.1:5432/jsb make chaos); `make test` runs the same
+# scenarios at a reduced scale. Figures land in .chaos-results.json.
+chaos: $(STAMP)
+	JSB_CHAOS_SCALE=full $(BIN)/python -m pytest -m chaos $(PYTEST_ARGS)
+
 typecheck: $(STAMP)
 	$(BIN)/mypy
 

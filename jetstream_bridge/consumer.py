@@ -10,7 +10,9 @@ recognises when they come back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+import json
 import logging
 import signal
 import threading
@@ -30,6 +32,7 @@ from django.db import (
     transaction,
 )
 
+from . import metrics
 from .conf import get_config
 from .connection import Connection, Delivery
 from .core import dlq
@@ -111,6 +114,7 @@ class Consumer:
         self.stats = ConsumerStats()
         self.stream = ""
         self._keepalive_every = self.config.ack_wait / 3
+        self._database_down = False
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -141,6 +145,15 @@ class Consumer:
         failures = 0
         idle_since: float | None = None
         while not self.stop.is_set() and not self._limit_reached():
+            if self._database_down:
+                # Every failed batch costs its messages a delivery, and the server drops a
+                # message whose deliveries run out: during an outage, fetching again would
+                # burn through MAX_DELIVER and lose events. Wait for the database instead.
+                if not await sync_to_async(self._database_answers, thread_sensitive=True)():
+                    await self._pause(failures := failures + 1)
+                    continue
+                self._database_down = False
+                logger.info("database answers again; resuming", extra={"durable": self.durable})
             try:
                 deliveries = await runtime.run(self._fetch)
             except ConsumerNotFound:
@@ -216,12 +229,45 @@ class Consumer:
                 exc,
                 extra={"durable": self.durable, "messages": len(deliveries)},
             )
-            outcomes = [Outcome(d, Verdict.RETRY, delay=1.0) for d in deliveries]
+            outcomes = [self._after_database_error(d, exc) for d in deliveries]
             await sync_to_async(connections.close_all, thread_sensitive=True)()
+            self._database_down = True
         finally:
             keepalive.cancel()
         await runtime.run(lambda conn: self._settle(conn, outcomes))
         self.stats.batches += 1
+
+    def _after_database_error(self, delivery: Delivery, error: DatabaseError) -> Outcome:
+        if not self.policy.is_last(delivery.deliveries):
+            return Outcome(delivery, Verdict.RETRY, delay=1.0)
+        # The server will not deliver it again, so a NAK would drop it silently; the DLQ
+        # (which needs no database) keeps it for a replay.
+        try:
+            event_id = decode(delivery.data)["event_id"]
+        except MalformedEnvelope:
+            event_id = None
+        dead = dlq.DeadLetter(
+            reason=dlq.MAX_DELIVER,
+            error_class=type(error).__name__,
+            error_message=str(error),
+            original_subject=delivery.subject,
+            stream=delivery.stream,
+            stream_seq=delivery.stream_seq,
+            deliveries=delivery.deliveries,
+            consumer=self.durable,
+            event_id=event_id,
+        )
+        return Outcome(delivery, Verdict.DEAD, dead=dead)
+
+    def _database_answers(self) -> bool:
+        try:
+            with connections[self.using].cursor() as cursor:
+                cursor.execute("SELECT 1")
+        except DatabaseError:
+            with contextlib.suppress(DatabaseError):
+                connections[self.using].close()
+            return False
+        return True
 
     async def _keep_alive(self, runtime: Any, deliveries: Sequence[Delivery]) -> None:
         while True:
@@ -246,11 +292,14 @@ class Consumer:
                     await delivery.ack()
                     if outcome.duplicate:
                         self.stats.duplicates += 1
+                        metrics.consumed(self.durable, "duplicate")
                     else:
                         self.stats.processed += 1
+                        metrics.consumed(self.durable, "processed")
                 elif outcome.verdict is Verdict.RETRY:
                     await delivery.nak(outcome.delay)
                     self.stats.retried += 1
+                    metrics.consumed(self.durable, "retried")
                 else:
                     await self._dead_letter(conn, outcome)
             except NatsError as exc:
@@ -270,6 +319,7 @@ class Consumer:
             )
             await delivery.nak(self.policy.delay_for(delivery.deliveries))
             self.stats.retried += 1
+            metrics.consumed(self.durable, "retried")
             return
         try:
             await conn.publish(self.config.subjects.dlq, delivery.data, dead.headers())
@@ -281,15 +331,21 @@ class Consumer:
             )
             await delivery.nak(self.policy.delay_for(delivery.deliveries))
             self.stats.retried += 1
+            metrics.consumed(self.durable, "retried")
             return
         await delivery.term(f"dead-lettered: {dead.reason}")
         self.stats.dead_lettered += 1
+        metrics.dead_lettered(self.durable, dead.reason)
         logger.warning("message dead-lettered: %s", dead.reason, extra=_fields(delivery, dead))
 
     # -- processing (in Django's sync thread) ---------------------------------------------
 
     def _process_batch(self, deliveries: list[Delivery]) -> list[Outcome]:
         close_old_connections()
+        return self._process_deliveries(deliveries)
+
+    def _process_deliveries(self, deliveries: list[Delivery]) -> list[Outcome]:
+        """Handle deliveries in one transaction and decide each; settle nothing."""
         decoded: list[tuple[Delivery, dict[str, Any] | None, Exception | None]] = []
         for delivery in deliveries:
             try:
@@ -312,15 +368,43 @@ class Consumer:
                     seen = seen_ids.get(event["event_id"])
                 seen = seen or seen_seqs.get((delivery.stream, delivery.stream_seq))
                 outcomes.append(self._process_one(inbox, delivery, event, error, seen))
-                if (
-                    event is not None
-                    and seen is None
-                    and inbox is not None
-                    and outcomes[-1].verdict is Verdict.ACK
-                ):
-                    # The same event twice in one batch: the second is a duplicate.
-                    seen_ids[event["event_id"]] = Seen(None, InboxStatus.PROCESSED)
+                if event is not None and inbox is not None and outcomes[-1].verdict is Verdict.ACK:
+                    # The same event twice in one batch: the second is a duplicate, whether
+                    # the first created the inbox row or turned an earlier failure around.
+                    seen_ids[event["event_id"]] = Seen(
+                        seen.pk if seen is not None else None, InboxStatus.PROCESSED
+                    )
         return outcomes
+
+    def process_stored(self, pk: Any) -> Outcome:
+        """Run the handler once more for the stored inbox row ``pk`` (the admin's re-run).
+
+        The stored envelope takes the path a delivery takes: the handler's writes and the row's
+        new status (processed, or failed with the error) commit together, and a row already
+        processed is left alone. There is no message in hand, so nothing is acked, retried or
+        dead-lettered, and ``deliveries`` stays the count the server made.
+        """
+        if self.handler is None:
+            autodiscover()
+        inbox = Inbox(self.config, self.durable, self.using)
+        with transaction.atomic(using=self.using):
+            row = inbox.manager.select_for_update().get(pk=pk)
+            delivery = Delivery.__new__(Delivery)  # no connection or reply: cannot be settled
+            delivery.subject = row.subject
+            delivery.data = json.dumps(row.payload).encode()
+            delivery.headers = dict(getattr(row, "headers", None) or {})
+            delivery.stream = getattr(row, "stream", None) or ""
+            delivery.consumer = self.durable
+            delivery.stream_seq = getattr(row, "stream_seq", None) or 0
+            delivery.deliveries = getattr(row, "deliveries", None) or 1
+            delivery.pending = 0
+            event: dict[str, Any] | None = None
+            error: Exception | None = None
+            try:
+                event = decode(delivery.data)
+            except MalformedEnvelope as exc:
+                error = exc
+            return self._process_one(inbox, delivery, event, error, Seen(row.pk, row.status))
 
     def _process_one(
         self,
@@ -341,6 +425,7 @@ class Consumer:
                 f"no handler registered for {event['resource_type']}/{event['event_type']}"
             )
             return self._fail(inbox, delivery, event, missing, seen, reason=dlq.NO_HANDLER)
+        fn = metrics.timed(fn, self.durable)
         try:
             with transaction.atomic(using=self.using):  # a savepoint inside the batch
                 if iscoroutinefunction(fn):
@@ -380,6 +465,17 @@ class Consumer:
             except IntegrityError:
                 # Another worker recorded this event meanwhile; its row is the truth.
                 logger.info("inbox row recorded concurrently", extra={"durable": self.durable})
+            except DatabaseError as exc:
+                if connections[self.using].needs_rollback or not _connection_usable(self.using):
+                    raise  # the batch transaction is broken: retry the whole batch
+                # This message's own row cannot be stored (PostgreSQL refuses \u0000 in JSON,
+                # for one). Its savepoint is rolled back; letting the error escape would fail
+                # every other message of the batch with it, delivery after delivery.
+                logger.warning(
+                    "could not record the failure in the inbox: %s",
+                    exc,
+                    extra={"durable": self.durable, "stream_seq": delivery.stream_seq},
+                )
         if reason is None:
             delay = self.policy.delay_for(delivery.deliveries)
             logger.warning(

@@ -81,6 +81,7 @@ class OutboxEvent(models.Model):
     class Meta:
         db_table = "jetstream_outbox_events"
         verbose_name = "outbox event"
+        permissions = [("retry_outboxevent", "Can retry publishing outbox events")]
         indexes = [
             models.Index(fields=["status"], name="jsb_outbox_status_idx"),
             models.Index(fields=["status", "available_at"], name="jsb_outbox_due_idx"),
@@ -120,6 +121,7 @@ class InboxEvent(models.Model):
     class Meta:
         db_table = "jetstream_inbox_events"
         verbose_name = "inbox event"
+        permissions = [("rerun_inboxevent", "Can re-run the handler of inbox events")]
         constraints = [
             models.UniqueConstraint(
                 fields=["consumer", "event_id"], name="jsb_inbox_consumer_event_uniq"

@@ -15,7 +15,8 @@ from typing import Any
 
 from django.apps import apps
 from django.db import IntegrityError, connections, models, router, transaction
-from django.db.models import Case, Exists, F, OuterRef, TextField, Value, When
+from django.db.models import Exists, F, OuterRef, TextField
+from django.db.models.expressions import RawSQL
 from django.db.models.functions import Cast
 from django.utils import timezone
 
@@ -102,8 +103,8 @@ class LeaseFieldsMissing(ConfigurationError):
             [
                 Problem(
                     "E013",
-                    f"{model._meta.label} has no {', '.join(missing)} field(s); the relay needs them "
-                    "to lease rows.",
+                    f"{model._meta.label} has no {', '.join(missing)} field(s); the relay "
+                    "needs them to lease rows.",
                     "Add locked_by = CharField(max_length=64, null=True) and locked_until = "
                     "DateTimeField(null=True) to the model, or publish with the fast path only.",
                 )
@@ -112,12 +113,18 @@ class LeaseFieldsMissing(ConfigurationError):
 
 
 def claim_batch(
-    config: BridgeConfig, *, using: str | None, limit: int, now: datetime | None = None
+    config: BridgeConfig,
+    *,
+    using: str | None,
+    limit: int,
+    now: datetime | None = None,
+    after: Any = None,
 ) -> tuple[str, list[ClaimedRow]]:
     """Lease up to ``limit`` due rows for this relay; return the lease token and the rows.
 
     The transaction is short: ``SELECT ... FOR UPDATE SKIP LOCKED`` then one UPDATE. The
-    network I/O happens after it commits, protected by the lease instead of a lock.
+    network I/O happens after it commits, protected by the lease instead of a lock. With
+    ``after``, only rows with a greater primary key are considered (see ``Relay.drain``).
     """
     model = outbox_model(config)
     names = field_names(model)
@@ -133,6 +140,8 @@ def claim_batch(
         due &= models.Q(available_at__lte=now)
     due |= models.Q(status=OutboxStatus.PUBLISHING, locked_until__lt=now)
     queryset = manager.filter(due)
+    if after is not None:
+        queryset = queryset.filter(pk__gt=after)
     if config.outbox_ordering and {"resource_type", "resource_id"} <= names:
         older_unsent = manager.filter(
             resource_type=OuterRef("resource_type"),
@@ -145,30 +154,47 @@ def claim_batch(
     lock: dict[str, Any] = {"skip_locked": features.has_select_for_update_skip_locked}
     if features.has_select_for_update_of:
         lock["of"] = ("self",)
+    columns = (
+        "pk",
+        "event_id",
+        "subject",
+        "body",
+        "headers",
+        "attempts" if "attempts" in names else "pk",
+    )
+    update: dict[str, Any] = {
+        "status": OutboxStatus.PUBLISHING,
+        "locked_by": token,
+        "locked_until": now + timedelta(seconds=config.relay_lease),
+    }
+    if "attempts" in names:
+        update["attempts"] = F("attempts") + 1
+    counted = 0  # whether the attempts read below already include this claim
     with transaction.atomic(using=alias):
-        rows = list(
-            queryset.select_for_update(**lock)
-            .order_by("pk")
-            .annotate(body=Cast("payload", TextField()))
-            .values_list(
-                "pk",
-                "event_id",
-                "subject",
-                "body",
-                "headers",
-                "attempts" if "attempts" in names else "pk",
-            )[:limit]
-        )
-        if not rows:
-            return token, []
-        update: dict[str, Any] = {
-            "status": OutboxStatus.PUBLISHING,
-            "locked_by": token,
-            "locked_until": now + timedelta(seconds=config.relay_lease),
-        }
-        if "attempts" in names:
-            update["attempts"] = F("attempts") + 1
-        manager.filter(pk__in=[row[0] for row in rows]).update(**update)
+        if connections[alias].vendor == "sqlite":
+            # A SELECT first would hold a shared lock that SQLite refuses to upgrade while
+            # another process writes ("database is locked"); a single UPDATE waits for the
+            # write lock instead, and the database-wide lock makes SKIP LOCKED unnecessary.
+            picked = queryset.order_by("pk").values("pk")[:limit]
+            if not manager.filter(pk__in=picked).update(**update):
+                return token, []
+            rows = list(
+                manager.filter(locked_by=token)
+                .order_by("pk")
+                .annotate(body=Cast("payload", TextField()))
+                .values_list(*columns)
+            )
+            counted = 1
+        else:
+            rows = list(
+                queryset.select_for_update(**lock)
+                .order_by("pk")
+                .annotate(body=Cast("payload", TextField()))
+                .values_list(*columns)[:limit]
+            )
+            if not rows:
+                return token, []
+            manager.filter(pk__in=[row[0] for row in rows]).update(**update)
     claimed = []
     for pk, event_id, subject, body, headers, attempts in rows:
         merged = {str(k): str(v) for k, v in (headers or {}).items()}
@@ -180,10 +206,51 @@ def claim_batch(
                 subject,
                 body.encode("utf-8"),
                 merged,
-                int(attempts) + 1 if "attempts" in names else 1,
+                int(attempts) + 1 - counted if "attempts" in names else 1,
             )
         )
     return token, claimed
+
+
+def has_older_unsent(
+    config: BridgeConfig, *, using: str | None, pk: Any, resource_type: str, resource_id: str
+) -> bool:
+    """Tell whether an earlier event of the same resource is still unsent (ordering)."""
+    model = outbox_model(config)
+    manager = model._default_manager.db_manager(using or router.db_for_read(model))
+    return bool(
+        manager.filter(resource_type=resource_type, resource_id=resource_id, pk__lt=pk)
+        .exclude(status=OutboxStatus.SENT)
+        .exists()
+    )
+
+
+def _column(model: type[models.Model], name: str) -> str:
+    field = model._meta.get_field(name)
+    column = getattr(field, "column", None)
+    if not isinstance(column, str):
+        raise TypeError(f"{model._meta.label}.{name} has no column")
+    return column
+
+
+def _case_by_pk(
+    model: type[models.Model], alias: str, field: str, mapping: Sequence[tuple[Any, Any]]
+) -> RawSQL:
+    """``CASE pk WHEN .. THEN .. ELSE field END`` as raw SQL.
+
+    The ORM's ``Case(When(...))`` costs about 0.2 ms of Python per branch to build; a relay
+    batch of 500 rows spent ~100 ms there against ~10 ms in the database.
+    """
+    quote = connections[alias].ops.quote_name
+    column = quote(_column(model, field))
+    branches = " ".join(["WHEN %s THEN %s"] * len(mapping))
+    params = [value for pair in mapping for value in pair]
+    # Only quoted column names are interpolated; every value is a bound parameter.
+    return RawSQL(  # noqa: S611
+        f"CASE {quote(_column(model, model._meta.pk.name))} {branches} ELSE {column} END",
+        params,
+        output_field=models.BigIntegerField(),
+    )
 
 
 def mark_sent(
@@ -206,11 +273,9 @@ def mark_sent(
     if "last_error" in names:
         values["last_error"] = None
     if "stream_seq" in names:
-        whens = [When(pk=pk, then=Value(seq)) for pk, seq in pairs if seq is not None]
-        if whens:
-            values["stream_seq"] = Case(
-                *whens, default=F("stream_seq"), output_field=models.BigIntegerField()
-            )
+        known = [(pk, seq) for pk, seq in pairs if seq is not None]
+        if known:
+            values["stream_seq"] = _case_by_pk(model, alias, "stream_seq", known)
     if "locked_by" in names:
         values.update(locked_by=None, locked_until=None)
     queryset = model._default_manager.db_manager(alias).filter(pk__in=[pk for pk, _ in pairs])

@@ -9,7 +9,9 @@ could not. With the outbox off, a publish inside a transaction waits for the com
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
+import functools
 import logging
 import os
 import queue
@@ -22,7 +24,7 @@ from typing import Any, Literal
 from asgiref.sync import sync_to_async
 from django.db import connections, transaction
 
-from . import outbox
+from . import metrics, outbox
 from .conf import get_config
 from .connection import Connection, PubAck
 from .core.config import BridgeConfig
@@ -69,6 +71,7 @@ class _Prepared:
     def result(self, status: Status, ack: PubAck | None = None) -> PublishResult:
         if ack is not None and ack.duplicate:
             status = "duplicate"
+        metrics.published(status)
         return PublishResult(
             self.event_id,
             self.subject,
@@ -158,10 +161,12 @@ class Publisher:
         if prepared.config.use_outbox:
             return self._write_outbox(prepared)
         if transaction.get_connection(self.using).in_atomic_block:
-            transaction.on_commit(lambda: _send_detached(prepared), using=self.using)
+            transaction.on_commit(
+                functools.partial(_sender.after_commit, prepared, self.using), using=self.using
+            )
             logger.debug("publish deferred until commit", extra=_log_fields(prepared))
             return prepared.result("deferred")
-        ack = get_runtime().call(lambda conn: _send(conn, prepared))
+        ack = _sender.send(prepared)
         return prepared.result("sent", ack)
 
     def _write_outbox(self, prepared: _Prepared) -> PublishResult:
@@ -179,11 +184,10 @@ class Publisher:
             logger.info("event already in the outbox", extra=_log_fields(prepared))
             return prepared.result("duplicate")
         logger.debug("event written to the outbox", extra=_log_fields(prepared))
-        if config.outbox_fast_path:
-            # on_commit runs at once when not in a transaction (the row is already committed).
-            transaction.on_commit(
-                lambda: fast_path().submit(prepared, self.using, pk), using=self.using
-            )
+        # on_commit runs at once when not in a transaction (the row is already committed).
+        transaction.on_commit(
+            functools.partial(_sender.after_commit, prepared, self.using, pk), using=self.using
+        )
         return prepared.result("queued")
 
     # -- async --------------------------------------------------------------------------------
@@ -217,12 +221,14 @@ class Publisher:
         def defer_if_in_transaction() -> bool:
             if not transaction.get_connection(self.using).in_atomic_block:
                 return False
-            transaction.on_commit(lambda: _send_detached(prepared), using=self.using)
+            transaction.on_commit(
+                functools.partial(_sender.after_commit, prepared, self.using), using=self.using
+            )
             return True
 
         if await sync_to_async(defer_if_in_transaction)():
             return prepared.result("deferred")
-        ack = await get_runtime().run(lambda conn: _send(conn, prepared))
+        ack = await _sender.send_async(prepared)
         return prepared.result("sent", ack)
 
 
@@ -257,6 +263,52 @@ def _send_detached(prepared: _Prepared) -> None:
             )
 
     get_runtime().submit(lambda conn: _send(conn, prepared)).add_done_callback(report)
+
+
+class Sender:
+    """Hand prepared events to JetStream.
+
+    The publisher reaches NATS only through the module's ``_sender``; the testing kit
+    (``jetstream_bridge.testing.capture``) swaps it for a recorder so users' tests need no broker.
+    """
+
+    def send(self, prepared: _Prepared) -> PubAck:
+        """Publish now and wait for the stream's ack."""
+        return get_runtime().call(lambda conn: _send(conn, prepared))
+
+    async def send_async(self, prepared: _Prepared) -> PubAck:
+        """Publish now and await the stream's ack."""
+        return await get_runtime().run(lambda conn: _send(conn, prepared))
+
+    def after_commit(self, prepared: _Prepared, using: str | None, pk: Any = None) -> None:
+        """Send a committed event: outbox row ``pk`` via the fast path, or (no row) detached."""
+        if pk is None:
+            _send_detached(prepared)
+        elif prepared.config.outbox_fast_path and not _held_for_order(prepared, using, pk):
+            fast_path().submit(prepared, using, pk)
+
+
+_sender = Sender()
+
+
+def _held_for_order(prepared: _Prepared, using: str | None, pk: Any) -> bool:
+    """With OUTBOX_ORDERING, leave a row to the relay while an earlier one of its resource waits.
+
+    The relay publishes a resource's rows strictly in order; the fast path must not overtake.
+    """
+    resource_id = prepared.envelope.get("resource_id")
+    if not (prepared.config.outbox_ordering and resource_id):
+        return False
+    held = outbox.has_older_unsent(
+        prepared.config,
+        using=using,
+        pk=pk,
+        resource_type=str(prepared.envelope["resource_type"]),
+        resource_id=str(resource_id),
+    )
+    if held:
+        logger.debug("fast path skipped to keep resource order", extra=_log_fields(prepared))
+    return held
 
 
 class FastPath:
@@ -358,6 +410,14 @@ def fast_path() -> FastPath:
             if _fast_path is None:
                 _fast_path = FastPath()
     return _fast_path
+
+
+@atexit.register
+def _flush_fast_path_at_exit() -> None:
+    # A short-lived process (a management command, a script) must not exit with publishes
+    # in flight; what still fails here is left pending for the relay.
+    if _fast_path is not None and not _fast_path.wait_idle(timeout=5.0):
+        logger.warning("exiting with fast-path publishes unrecorded; the relay will send them")
 
 
 def _forget_fast_path() -> None:

@@ -47,17 +47,23 @@ def subprocess_env(nats_server, jetstream_bridge) -> dict[str, str]:  # type: ig
     env = dict(os.environ)
     env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
     env["PYTHONPATH"] = str(ROOT)
-    env["NATS_URLS"] = nats_server.url
+    env["NATS_URLS"] = ",".join(settings.JETSTREAM_BRIDGE.get("NATS_URLS") or [nats_server.url])
     env["NATS_ENV"] = jetstream_bridge.env
     # Whatever the test set in settings.JETSTREAM_BRIDGE before requesting this fixture.
-    env["JSB_TEST_OVERRIDES"] = json.dumps(settings.JETSTREAM_BRIDGE)
+    # NATS_URLS and ENV travel as environment variables so a test can point one
+    # subprocess elsewhere (an unreachable server, another env).
+    overrides = {
+        k: v for k, v in settings.JETSTREAM_BRIDGE.items() if k not in ("NATS_URLS", "ENV")
+    }
+    env["JSB_TEST_OVERRIDES"] = json.dumps(overrides)
     if db["ENGINE"].endswith("sqlite3"):
         env["DATABASE_URL"] = f"sqlite:///{db['NAME']}"
     else:
+        scheme = "mysql" if db["ENGINE"].endswith("mysql") else "postgres"
         user = db.get("USER") or ""
         host = db.get("HOST") or "127.0.0.1"
-        port = db.get("PORT") or 5432
-        env["DATABASE_URL"] = f"postgres://{user}@{host}:{port}/{db['NAME']}"
+        port = db.get("PORT") or (3306 if scheme == "mysql" else 5432)
+        env["DATABASE_URL"] = f"{scheme}://{user}@{host}:{port}/{db['NAME']}"
     env.pop("PYTHONDEVMODE", None)
     return env
 

@@ -58,6 +58,13 @@ DATABASES = {
         "DATABASE_URL", default=f"sqlite:///{os.path.join(_sqlite_dir, 'jsb-tests.sqlite3')}"
     )
 }
+if DATABASES["default"]["ENGINE"].endswith("mysql"):
+    # PyMySQL needs no C headers; Django accepts it in place of mysqlclient.
+    import pymysql
+
+    pymysql.install_as_MySQLdb()
+    DATABASES["default"].setdefault("OPTIONS", {})["charset"] = "utf8mb4"
+    DATABASES["default"]["TEST"] = {"CHARSET": "utf8mb4", "COLLATION": "utf8mb4_bin"}
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     # A file, not :memory:, so worker subprocesses started by tests see the same database.
     DATABASES["default"]["TEST"] = {

@@ -19,6 +19,7 @@ DELIVERIES = f"{PREFIX}Deliveries"
 CONSUMER = f"{PREFIX}Consumer"
 FAILED_AT = f"{PREFIX}Failed-At"
 EVENT_ID = f"{PREFIX}Event-Id"
+REPLAY_OF = f"{PREFIX}Replay-Of"  # set on a replayed message: the DLQ sequence it came from
 
 # Why a message was dead-lettered.
 MALFORMED = "malformed"  # not an envelope: never retried

@@ -49,3 +49,19 @@ def format_duration(seconds: float) -> str:
     if seconds < 1 and (seconds * 1000).is_integer():
         return f"{int(seconds * 1000)}ms"
     return f"{seconds:g}s"
+
+
+def format_age(seconds: float) -> str:
+    """Render an elapsed time for humans in at most two adjacent units: ``45s``, ``3m12s``."""
+    whole = max(0, int(seconds))
+    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    for index, (unit, size) in enumerate(units):
+        if whole >= size or unit == "s":
+            text = f"{whole // size}{unit}"
+            if unit != "s":
+                next_unit, next_size = units[index + 1]
+                rest = (whole % size) // next_size
+                if rest:
+                    text += f"{rest}{next_unit}"
+            return text
+    raise AssertionError("unreachable")

@@ -77,6 +77,13 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
+def _has_control_characters(text: str) -> bool:
+    # An event id travels in the Nats-Msg-Id header (where CR/LF would forge headers) and is a
+    # key in the inbox (PostgreSQL text cannot hold NUL: one such id failed every batch it
+    # arrived in). Ids are identifiers, so control characters are refused outright.
+    return any(ord(char) < 0x20 or ord(char) == 0x7F for char in text)
+
+
 def _require_text(name: str, value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InvalidEvent(f"{name} must be a non-empty string, got {value!r}")
@@ -104,6 +111,8 @@ def build_envelope(
     _require_text("event_id", event_id)
     if len(event_id) > MAX_ID_LENGTH:
         raise InvalidEvent(f"event_id is longer than {MAX_ID_LENGTH} characters")
+    if _has_control_characters(event_id):
+        raise InvalidEvent("event_id must not contain control characters")
     if _depth(payload, MAX_DEPTH) > MAX_DEPTH:
         raise InvalidEvent(f"payload is nested deeper than {MAX_DEPTH} levels")
     if resource_id is None and payload.get("id") is not None:
@@ -150,6 +159,8 @@ def decode(data: bytes) -> Envelope:
             raise MalformedEnvelope(f"{name} must be a non-empty string")
     if len(value["event_id"]) > MAX_ID_LENGTH:
         raise MalformedEnvelope(f"event_id is longer than {MAX_ID_LENGTH} characters")
+    if _has_control_characters(value["event_id"]):
+        raise MalformedEnvelope("event_id contains control characters")
     if not isinstance(value["payload"], dict):
         raise MalformedEnvelope("payload must be a JSON object")
     if _depth(value["payload"], MAX_DEPTH) > MAX_DEPTH:

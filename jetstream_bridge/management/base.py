@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from argparse import ArgumentTypeError
+from collections.abc import Sequence
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
+from ..core.durations import parse_duration
 from ..core.errors import AuthenticationFailed, JetStreamBridgeError, NatsUnavailable
 from ..exceptions import ConfigurationError
 
@@ -29,3 +32,22 @@ class BridgeCommand(BaseCommand):
 
     def run(self, **options: Any) -> None:
         raise NotImplementedError
+
+
+def render_table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Align ``rows`` (the first is the header) in columns; the last column is not padded."""
+    if not rows:
+        return []
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return [
+        "  ".join([*(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)), row[-1]]).rstrip()
+        for row in rows
+    ]
+
+
+def duration_arg(value: str) -> float:
+    """Parse a command-line duration (``90``, ``30s``, ``10m``, ``2h``, ``7d``) into seconds."""
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise ArgumentTypeError(str(exc)) from None

@@ -10,17 +10,28 @@ Fixtures:
 ``jetstream_bridge``
     Points ``settings.JETSTREAM_BRIDGE`` at that server with a unique ``ENV`` token per test,
     so streams never leak between tests. Needs pytest-django's ``settings`` fixture.
+``jetstream_capture``
+    Captures what ``Publisher`` publishes instead of sending it (no broker needed); see
+    ``jetstream_bridge.testing.capture``. Events are captured on commit: combine it with
+    ``django_db(transaction=True)`` or ``django_capture_on_commit_callbacks(execute=True)``.
+``jetstream_deliver``
+    ``deliver(envelope, handler=None, *, deliveries=1)``: run a handler the way the consumer
+    would, inbox row included, without a broker; see ``jetstream_bridge.testing.deliver``.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from .capture import Capture
+    from .deliver import DeliveryResult
 
 
 @dataclass
@@ -89,3 +100,20 @@ def jetstream_bridge(nats_server: Any, settings: Any) -> Iterator[Any]:
     from jetstream_bridge.runtime import reset_runtime
 
     reset_runtime()
+
+
+@pytest.fixture
+def jetstream_capture() -> Iterator[Capture]:
+    """Capture published events in memory for this test; yield the ``Capture``."""
+    from .capture import capture_published
+
+    with capture_published() as capture:
+        yield capture
+
+
+@pytest.fixture
+def jetstream_deliver() -> Callable[..., DeliveryResult]:
+    """Return ``deliver(envelope, handler=None, **options)`` (the database fixture is yours)."""
+    from .deliver import deliver
+
+    return deliver

@@ -63,6 +63,43 @@ def test_connection__publish_without_a_stream_says_to_ensure_topology(nats_serve
     asyncio.run(scenario())
 
 
+def test_connection__publish_many_reports_each_result_in_its_own_slot(nats_server: Any) -> None:
+    async def ignore(subject: str, data: bytes, headers: dict[str, str]) -> None:
+        pass
+
+    async def scenario() -> list[Any]:
+        conn = Connection(make_config(nats_server.url))
+        stream = {"name": "PM", "subjects": ["pm.>"], "storage": "memory", "max_msgs": 5}
+        try:
+            await conn.create_stream({**stream, "discard": "new"})
+            await conn.subscribe("silent.answer", ignore)  # receives, never replies
+            items: list[tuple[str, bytes, dict[str, str] | None]] = [
+                (f"pm.{i}", b"{}", {"Nats-Msg-Id": f"m-{i}"}) for i in range(4)
+            ]
+            items += [
+                ("pm.0", b"{}", {"Nats-Msg-Id": "m-0"}),  # a duplicate
+                ("nobody.listens.here", b"{}", None),  # no stream captures it
+                ("silent.answer", b"{}", None),  # no ack ever comes
+                ("pm.5", b"{}", None),  # the fifth message fills the stream
+                ("pm.6", b"{}", None),  # refused: the stream discards new messages
+            ]
+            return await conn.publish_many(items, max_in_flight=2, timeout=0.5)
+        finally:
+            await conn.delete_stream("PM")
+            await conn.close()
+
+    results = asyncio.run(scenario())
+    acks = [(r.seq, r.duplicate) for r in results[:5]]
+    assert acks == [(1, False), (2, False), (3, False), (4, False), (1, True)]
+    assert isinstance(results[5], PublishFailed)
+    assert "jetstream_ensure_topology" in str(results[5])
+    assert isinstance(results[6], NatsUnavailable)
+    assert "timed out" in str(results[6])
+    assert results[7].seq == 5
+    assert isinstance(results[8], PublishFailed)
+    assert "rejected" in str(results[8])
+
+
 def test_connection__unreachable_url_fails_fast_and_redacts_the_password() -> None:
     async def scenario() -> None:
         conn = Connection(make_config("nats://user:secret@127.0.0.1:1"))

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from jetstream_bridge.core.durations import format_duration, parse_duration, to_nanos
+from jetstream_bridge.core.durations import format_age, format_duration, parse_duration, to_nanos
 from jetstream_bridge.core.retry import RetryPolicy
 
 
@@ -54,3 +54,21 @@ def test_retry_policy__uses_backoff_per_delivery_and_repeats_the_last() -> None:
     assert not policy.is_last(5)
     assert policy.is_last(6)
     assert RetryPolicy(max_deliver=3, backoff=()).delay_for(1) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0s"),
+        (0.7, "0s"),
+        (45, "45s"),
+        (61, "1m1s"),
+        (3600, "1h"),
+        (3661, "1h1m"),
+        (90000, "1d1h"),
+        (86400 * 3 + 60, "3d"),
+        (-5, "0s"),
+    ],
+)
+def test_format_age__two_adjacent_units_at_most(seconds: float, text: str) -> None:
+    assert format_age(seconds) == text

@@ -122,3 +122,17 @@ def test_decode__rejects_malformed_messages_with_a_reason(data: bytes, reason: s
     with pytest.raises(MalformedEnvelope) as info:
         decode(data)
     assert reason in str(info.value)
+
+
+@pytest.mark.parametrize("event_id", ["a\x00b", "a\r\nX-Forged: 1", "tab\there", "del\x7f"])
+def test_event_id__control_characters_are_refused_on_both_ends(event_id: str) -> None:
+    # Found by tests/chaos: a NUL in a received id failed every inbox batch it arrived in.
+    with pytest.raises(InvalidEvent, match="control characters"):
+        build_envelope(
+            producer="a", resource_type="r", event_type="e", payload={}, event_id=event_id
+        )
+    body = json.dumps(
+        {"event_id": event_id, "event_type": "e", "resource_type": "r", "payload": {}}
+    ).encode()
+    with pytest.raises(MalformedEnvelope, match="control characters"):
+        decode(body)

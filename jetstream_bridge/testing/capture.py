@@ -1,0 +1,214 @@
+"""Capture what your code publishes, in memory, so its unit tests need no broker.
+
+    from jetstream_bridge.testing.capture import capture_published
+
+    with capture_published() as capture:
+        place_order()
+    capture.assert_published(resource_type="order", event_type="created",
+                             payload_contains={"number": "A-1"})
+
+or, with the pytest plugin, the ``jetstream_capture`` fixture. Only the send is replaced:
+envelopes are built and validated as usual, the outbox row is still written in your
+transaction (and stays ``pending``: nothing left the process), and an event is captured when
+it would be sent: at once outside a transaction, after commit inside one, never after a
+rollback.
+
+Events are captured on commit, and pytest-django's ``django_db`` tests never commit. There,
+wrap the code in ``django_capture_on_commit_callbacks(execute=True)`` or use
+``django_db(transaction=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import pprint
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import connections
+
+from .. import publisher
+from ..connection import PubAck
+
+
+@dataclass(frozen=True)
+class CapturedMessage:
+    """One message as it would have gone over the wire."""
+
+    subject: str
+    envelope: dict[str, Any]
+    headers: dict[str, str]
+    data: bytes
+
+
+class Capture(publisher.Sender):
+    """Record sends instead of publishing them; the assertion helpers read the record.
+
+    Like the stream, it drops a second message with an ``event_id`` it already holds (the
+    publish then reports ``duplicate``).
+    """
+
+    def __init__(self) -> None:
+        self._messages: list[CapturedMessage] = []
+        self._lock = threading.Lock()
+
+    # -- the Sender side (called by the publisher) --------------------------------------------
+
+    def _record(self, prepared: publisher._Prepared) -> PubAck:
+        with self._lock:
+            duplicate = any(m.envelope["event_id"] == prepared.event_id for m in self._messages)
+            if not duplicate:
+                self._messages.append(
+                    CapturedMessage(
+                        prepared.subject,
+                        json.loads(prepared.data),
+                        dict(prepared.headers),
+                        prepared.data,
+                    )
+                )
+            return PubAck(prepared.config.stream_name, len(self._messages), duplicate)
+
+    def send(self, prepared: publisher._Prepared) -> PubAck:
+        return self._record(prepared)
+
+    async def send_async(self, prepared: publisher._Prepared) -> PubAck:
+        return self._record(prepared)
+
+    def after_commit(
+        self, prepared: publisher._Prepared, using: str | None, pk: Any = None
+    ) -> None:
+        self._record(prepared)
+
+    # -- the test side ------------------------------------------------------------------------
+
+    @property
+    def messages(self) -> list[CapturedMessage]:
+        """Every captured message (subject, envelope, headers, bytes), in order."""
+        with self._lock:
+            return list(self._messages)
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """Every captured envelope, in the order it would have reached the stream."""
+        return [message.envelope for message in self.messages]
+
+    def clear(self) -> None:
+        """Forget everything captured so far."""
+        with self._lock:
+            self._messages.clear()
+
+    def filter(
+        self,
+        *,
+        resource_type: str | None = None,
+        event_type: str | None = None,
+        resource_id: str | None = None,
+        payload_contains: Mapping[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Return the captured envelopes that match every given criterion."""
+        wanted = {
+            key: value
+            for key, value in (
+                ("resource_type", resource_type),
+                ("event_type", event_type),
+                ("resource_id", resource_id),
+            )
+            if value is not None
+        }
+        return [
+            envelope
+            for envelope in self.events
+            if all(envelope.get(key) == value for key, value in wanted.items())
+            and (payload_contains is None or _contains(envelope.get("payload"), payload_contains))
+        ]
+
+    def assert_published(
+        self,
+        *,
+        resource_type: str | None = None,
+        event_type: str | None = None,
+        resource_id: str | None = None,
+        payload_contains: Mapping[str, Any] | None = None,
+        count: int | None = None,
+    ) -> dict[str, Any]:
+        """Assert a matching event was published (exactly ``count`` of them, if given).
+
+        ``payload_contains`` matches a subset of the payload, recursively for nested dicts.
+        Return the first matching envelope.
+        """
+        criteria = {
+            "resource_type": resource_type,
+            "event_type": event_type,
+            "resource_id": resource_id,
+            "payload_contains": payload_contains,
+        }
+        matches = self.filter(
+            resource_type=resource_type,
+            event_type=event_type,
+            resource_id=resource_id,
+            payload_contains=payload_contains,
+        )
+        wanted = ", ".join(f"{key}={value!r}" for key, value in criteria.items() if value)
+        wanted = wanted or "any event"
+        if not matches or (count is not None and len(matches) != count):
+            expected = "an event" if count is None else f"{count} event(s)"
+            found = f"found {len(matches)}" if matches else "found none"
+            raise AssertionError(
+                f"expected {expected} matching {wanted}; {found}. {self._describe()}"
+            )
+        return matches[0]
+
+    def assert_nothing_published(self) -> None:
+        """Assert no event was published."""
+        if self.messages:
+            raise AssertionError(f"expected no events to be published. {self._describe()}")
+
+    def _describe(self) -> str:
+        events = self.events
+        if not events:
+            text = "Nothing was published."
+            if any(conn.in_atomic_block for conn in connections.all(initialized_only=True)):
+                text += (
+                    " Events are captured when their transaction commits, and this code is "
+                    "still inside one (a `django_db` test never commits): wrap the code in "
+                    "`django_capture_on_commit_callbacks(execute=True)` or use "
+                    "`@pytest.mark.django_db(transaction=True)`."
+                )
+            return text
+        lines = [f"{len(events)} event(s) were published:"]
+        for number, envelope in enumerate(events, 1):
+            lines.append(
+                f"  {number}. {envelope.get('resource_type')}/{envelope.get('event_type')} "
+                f"resource_id={envelope.get('resource_id')!r} "
+                f"payload={pprint.pformat(envelope.get('payload'), compact=True, width=200)}"
+            )
+        return "\n".join(lines)
+
+
+def _contains(actual: Any, expected: Mapping[str, Any]) -> bool:
+    if not isinstance(actual, Mapping):
+        return False
+    for key, value in expected.items():
+        if key not in actual:
+            return False
+        if isinstance(value, Mapping):
+            if not _contains(actual[key], value):
+                return False
+        elif actual[key] != value:
+            return False
+    return True
+
+
+@contextmanager
+def capture_published() -> Iterator[Capture]:
+    """Capture every publish made while the block runs (commits after it are captured too)."""
+    capture = Capture()
+    previous = publisher._sender
+    publisher._sender = capture
+    try:
+        yield capture
+    finally:
+        publisher._sender = previous

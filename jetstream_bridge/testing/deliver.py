@@ -1,0 +1,96 @@
+"""Run a handler the way the consumer would, without a broker.
+
+    from jetstream_bridge.testing.deliver import deliver
+
+    result = deliver(envelope, create_invoice)
+    assert result.processed
+
+The delivery goes through the consumer's own code: the inbox row and the handler's writes in
+one savepoint, duplicates recognised by the inbox, failures recorded and turned into a retry
+(with the ``BACKOFF`` delay) or, on the last delivery or a ``RejectMessage``, a dead letter.
+Nothing is acked or published: the result says what the consumer would do with the message.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..conf import get_config
+from ..connection import Delivery
+from ..consumer import Consumer, Verdict
+from ..core import dlq
+from ..core.envelope import MSG_ID_HEADER, encode
+from ..handlers import Handler, HandlerRegistry, autodiscover, registry
+
+DURABLE = "tests"
+# The inbox also dedupes by (stream, stream_seq): start far above any real sequence so that a
+# test delivery never passes for a message a real consumer handled in the same test.
+_stream_seqs = itertools.count(1 << 48)
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """What the consumer would do with the message: ack it, retry it later or dead-letter it."""
+
+    verdict: str  # "ack", "retry" or "dead"
+    duplicate: bool = False
+    retry_delay: float | None = None
+    dead_letter: dlq.DeadLetter | None = None
+
+    @property
+    def processed(self) -> bool:
+        """The handler ran and its writes (and the inbox row) are in the database."""
+        return self.verdict == "ack" and not self.duplicate
+
+    @property
+    def retried(self) -> bool:
+        return self.verdict == "retry"
+
+    @property
+    def dead_lettered(self) -> bool:
+        return self.verdict == "dead"
+
+
+def deliver(
+    message: Mapping[str, Any] | bytes,
+    handler: Handler | None = None,
+    *,
+    deliveries: int = 1,
+    durable: str = DURABLE,
+    subject: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    using: str | None = None,
+    handlers: HandlerRegistry = registry,
+) -> DeliveryResult:
+    """Deliver ``message`` (an envelope, or raw bytes) as its ``deliveries``-th delivery.
+
+    Without ``handler`` the registered handlers decide, as in ``jetstream_consume``.
+    """
+    config = get_config()
+    data = message if isinstance(message, bytes) else encode(message)
+    if handler is None:
+        autodiscover()
+    delivery = Delivery.__new__(Delivery)  # no connection or reply: it is never settled
+    delivery.subject = subject or config.subjects.subscribe
+    delivery.data = data
+    delivery.headers = dict(headers or {})
+    if isinstance(message, Mapping) and "event_id" in message:
+        delivery.headers.setdefault(MSG_ID_HEADER, str(message["event_id"]))
+    delivery.stream = config.stream_name
+    delivery.consumer = durable
+    delivery.stream_seq = next(_stream_seqs)
+    delivery.deliveries = deliveries
+    delivery.pending = 0
+    consumer = Consumer(
+        durable_name=durable, handler=handler, registry=handlers, using=using, config=config
+    )
+    [outcome] = consumer._process_deliveries([delivery])
+    return DeliveryResult(
+        verdict=outcome.verdict.value,
+        duplicate=outcome.duplicate,
+        retry_delay=outcome.delay if outcome.verdict is Verdict.RETRY else None,
+        dead_letter=outcome.dead,
+    )
