@@ -59,17 +59,27 @@ class Demo:
         return env
 
     def manage(self, service: str, *args: str) -> str:
-        result = subprocess.run([sys.executable, "manage.py", *args], cwd=HERE,
-                                env=self.env(service), capture_output=True, text=True,
-                                timeout=120)
+        result = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=HERE,
+            env=self.env(service),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if result.returncode != 0:
             raise SystemExit(f"{service}: manage.py {' '.join(args)} failed:\n{result.stderr}")
         return result.stdout
 
     def start(self, service: str, *args: str) -> None:
         log = open(self.data_dir / f"{service}-{args[0]}.log", "wb")  # noqa: SIM115
-        process = subprocess.Popen([sys.executable, "manage.py", *args], cwd=HERE,
-                                   env=self.env(service), stdout=log, stderr=log)
+        process = subprocess.Popen(
+            [sys.executable, "manage.py", *args],
+            cwd=HERE,
+            env=self.env(service),
+            stdout=log,
+            stderr=log,
+        )
         self.workers.append((f"{service} {args[0]}", process))
 
     def stop_all(self) -> list[tuple[str, int | None]]:
@@ -90,8 +100,14 @@ class Demo:
             return int(db.execute(sql).fetchone()[0])
 
     def dead_letters(self) -> list[dict[str, str]]:
-        config, _ = parse_config({"NATS_URLS": [self.server.url], "ENV": "demo",
-                                  "APP_NAME": "orders", "DESTINATION_APP": "billing"})
+        config, _ = parse_config(
+            {
+                "NATS_URLS": [self.server.url],
+                "ENV": "demo",
+                "APP_NAME": "orders",
+                "DESTINATION_APP": "billing",
+            }
+        )
         assert config is not None
 
         async def read() -> list[dict[str, str]]:
@@ -99,8 +115,7 @@ class Demo:
             try:
                 letters, seq = [], 1
                 while True:
-                    message = await conn.next_message(config.stream_name, seq,
-                                                      config.subjects.dlq)
+                    message = await conn.next_message(config.stream_name, seq, config.subjects.dlq)
                     if message is None:
                         return letters
                     letters.append(message.headers)
@@ -123,8 +138,9 @@ def run(demo: Demo) -> int:
     say("started 2 consumers and 2 relays")
 
     say(f"orders: placing {ORDERS} orders and {POISON} poison order")
-    for line in demo.manage("orders", "place_orders", "--count", str(ORDERS),
-                            "--poison", str(POISON)).splitlines():
+    for line in demo.manage(
+        "orders", "place_orders", "--count", str(ORDERS), "--poison", str(POISON)
+    ).splitlines():
         say(f"  {line}")
 
     deadline = time.monotonic() + TIMEOUT
@@ -132,22 +148,31 @@ def run(demo: Demo) -> int:
     letters: list[dict[str, str]] = []
     while time.monotonic() < deadline:
         invoices = demo.count("billing", "SELECT COUNT(*) FROM billing_invoice")
-        invoiced = demo.count("orders",
-                              "SELECT COUNT(*) FROM orders_order WHERE status = 'invoiced'")
+        invoiced = demo.count(
+            "orders", "SELECT COUNT(*) FROM orders_order WHERE status = 'invoiced'"
+        )
         letters = demo.dead_letters()
-        unsent = sum(demo.count(s, "SELECT COUNT(*) FROM jetstream_outbox_events "
-                                   "WHERE status != 'sent'") for s in SERVICES)
-        say(f"progress: {invoices}/{ORDERS} invoices in billing, {invoiced}/{ORDERS} orders "
-            f"invoiced in orders, {len(letters)}/{POISON} in the DLQ, {unsent} unsent")
+        unsent = sum(
+            demo.count(s, "SELECT COUNT(*) FROM jetstream_outbox_events WHERE status != 'sent'")
+            for s in SERVICES
+        )
+        say(
+            f"progress: {invoices}/{ORDERS} invoices in billing, {invoiced}/{ORDERS} orders "
+            f"invoiced in orders, {len(letters)}/{POISON} in the DLQ, {unsent} unsent"
+        )
         if invoiced == ORDERS and len(letters) == POISON and unsent == 0:
             break
         time.sleep(0.5)
 
     codes = demo.stop_all()
-    sent = {s: demo.count(s, "SELECT COUNT(*) FROM jetstream_outbox_events "
-                             "WHERE status = 'sent'") for s in SERVICES}
-    handled = {s: demo.count(s, "SELECT COUNT(*) FROM jetstream_inbox_events "
-                                "WHERE status = 'processed'") for s in SERVICES}
+    sent = {
+        s: demo.count(s, "SELECT COUNT(*) FROM jetstream_outbox_events WHERE status = 'sent'")
+        for s in SERVICES
+    }
+    handled = {
+        s: demo.count(s, "SELECT COUNT(*) FROM jetstream_inbox_events WHERE status = 'processed'")
+        for s in SERVICES
+    }
     print()
     print("| direction          | published (outbox sent) | handled once (inbox) |")
     print("|--------------------|-------------------------|----------------------|")
@@ -155,14 +180,22 @@ def run(demo: Demo) -> int:
     print(f"| billing -> orders  | {sent['billing']:>23} | {handled['orders']:>20} |")
     print()
     for headers in letters:
-        print(f"DLQ: event {headers.get(dlq.EVENT_ID)} reason={headers.get(dlq.REASON)} "
-              f"error={headers.get(dlq.ERROR_MESSAGE)!r}")
+        print(
+            f"DLQ: event {headers.get(dlq.EVENT_ID)} reason={headers.get(dlq.REASON)} "
+            f"error={headers.get(dlq.ERROR_MESSAGE)!r}"
+        )
     print(f"workers stopped: {', '.join(f'{name}={code}' for name, code in codes)}")
     print(f"done in {time.monotonic() - started:.1f}s")
-    ok = (invoices == ORDERS and invoiced == ORDERS and len(letters) == POISON
-          and sent["orders"] == ORDERS + POISON and handled["billing"] == ORDERS
-          and sent["billing"] == ORDERS and handled["orders"] == ORDERS
-          and all(code == 0 for _, code in codes))
+    ok = (
+        invoices == ORDERS
+        and invoiced == ORDERS
+        and len(letters) == POISON
+        and sent["orders"] == ORDERS + POISON
+        and handled["billing"] == ORDERS
+        and sent["billing"] == ORDERS
+        and handled["orders"] == ORDERS
+        and all(code == 0 for _, code in codes)
+    )
     if not ok:
         say(f"FAILED: something did not arrive; worker logs are in {demo.data_dir}")
         for log in sorted(demo.data_dir.glob("*.log")):

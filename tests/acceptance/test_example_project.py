@@ -13,14 +13,27 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "example_project"
 
 
-def run(args: list[str], *, env: dict[str, str] | None = None, cwd: Path = EXAMPLE,
-        timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("DATABASE_URL", "DJANGO_SETTINGS_MODULE", "DESTINATION_APP",
-                         "APP_NAME", "NATS_URLS", "NATS_ENV", "PYTHONDEVMODE")}
+def run(
+    args: list[str], *, env: dict[str, str] | None = None, cwd: Path = EXAMPLE, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "DATABASE_URL",
+            "DJANGO_SETTINGS_MODULE",
+            "DESTINATION_APP",
+            "APP_NAME",
+            "NATS_URLS",
+            "NATS_ENV",
+            "PYTHONDEVMODE",
+        )
+    }
     base["PYTHONPATH"] = str(ROOT)
-    return subprocess.run(args, cwd=cwd, env={**base, **(env or {})}, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        args, cwd=cwd, env={**base, **(env or {})}, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_demo__events_cross_both_ways_and_one_lands_in_the_dlq() -> None:
@@ -34,23 +47,27 @@ def test_demo__events_cross_both_ways_and_one_lands_in_the_dlq() -> None:
 
 
 def test_check__without_destination_app_reports_E003_and_fails(tmp_path: Path) -> None:
-    result = run([sys.executable, "manage.py", "check"],
-                 env={"DEMO_DATA_DIR": str(tmp_path)})
+    result = run([sys.executable, "manage.py", "check"], env={"DEMO_DATA_DIR": str(tmp_path)})
     assert result.returncode != 0
     assert "jetstream_bridge.E003" in result.stderr
     assert "HINT: Add 'DESTINATION_APP': 'billing'" in result.stderr
 
 
 def test_check__bad_token_reports_E004(tmp_path: Path) -> None:
-    result = run([sys.executable, "manage.py", "check"],
-                 env={"DEMO_DATA_DIR": str(tmp_path), "DESTINATION_APP": "bill.ing"})
+    result = run(
+        [sys.executable, "manage.py", "check"],
+        env={"DEMO_DATA_DIR": str(tmp_path), "DESTINATION_APP": "bill.ing"},
+    )
     assert result.returncode != 0
     assert "jetstream_bridge.E004" in result.stderr
 
 
 def test_migrate__needs_no_nats_server(tmp_path: Path) -> None:
-    env = {"DEMO_DATA_DIR": str(tmp_path), "DESTINATION_APP": "billing",
-           "NATS_URLS": "nats://user:secret@127.0.0.1:1"}
+    env = {
+        "DEMO_DATA_DIR": str(tmp_path),
+        "DESTINATION_APP": "billing",
+        "NATS_URLS": "nats://user:secret@127.0.0.1:1",
+    }
     result = run([sys.executable, "manage.py", "migrate", "--no-input"], env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "Applying jetstream_bridge.0001" in result.stdout
@@ -59,12 +76,17 @@ def test_migrate__needs_no_nats_server(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("settings_module", ["tests.settings"])
 def test_migrations__models_and_migrations_agree(settings_module: str) -> None:
-    result = run([sys.executable, "-m", "django", "makemigrations", "--check", "--dry-run"],
-                 env={"DJANGO_SETTINGS_MODULE": settings_module}, cwd=ROOT)
+    result = run(
+        [sys.executable, "-m", "django", "makemigrations", "--check", "--dry-run"],
+        env={"DJANGO_SETTINGS_MODULE": settings_module},
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_migrations__example_project_has_none_missing(tmp_path: Path) -> None:
-    result = run([sys.executable, "manage.py", "makemigrations", "--check", "--dry-run"],
-                 env={"DEMO_DATA_DIR": str(tmp_path), "DESTINATION_APP": "billing"})
+    result = run(
+        [sys.executable, "manage.py", "makemigrations", "--check", "--dry-run"],
+        env={"DEMO_DATA_DIR": str(tmp_path), "DESTINATION_APP": "billing"},
+    )
     assert result.returncode == 0, result.stdout + result.stderr

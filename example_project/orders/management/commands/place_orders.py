@@ -17,8 +17,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument("--count", type=int, default=5)
-        parser.add_argument("--poison", type=int, default=0,
-                            help="also place orders billing must reject (total 0)")
+        parser.add_argument(
+            "--poison", type=int, default=0, help="also place orders billing must reject (total 0)"
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         publisher = Publisher()
@@ -27,8 +28,11 @@ class Command(BaseCommand):
             with transaction.atomic():
                 order = Order.objects.create(number=uuid.uuid4().hex[:8], total_cents=total)
                 result = publisher.publish(
-                    resource_type="order", event_type="created",
+                    resource_type="order",
+                    event_type="created",
                     payload={"id": order.pk, "number": order.number, "total_cents": total},
                 )
-            self.stdout.write(f"placed order {order.number} ({total / 100:.2f}) -> "
-                              f"event {result.event_id} [{result.status}]")
+            self.stdout.write(
+                f"placed order {order.number} ({total / 100:.2f}) -> "
+                f"event {result.event_id} [{result.status}]"
+            )
