@@ -311,14 +311,13 @@ def test_relay__drain_sends_a_row_that_becomes_due_behind_its_cursor(bridge: Bri
 
 
 @pytest.mark.slow
-@pytest.mark.postgres
 def test_relay__three_relays_drain_a_backlog_without_sending_an_event_twice(
     bridge: BridgeConfig, relay_cli: RelayCli
 ) -> None:
-    if connection.vendor != "postgresql":
+    if not connection.features.has_select_for_update_skip_locked:
         pytest.skip(
-            "concurrent relays need SELECT ... FOR UPDATE SKIP LOCKED and concurrent writers; "
-            f"{connection.vendor} serialises the claims, so this runs on PostgreSQL only"
+            "concurrent relays are a SELECT ... FOR UPDATE SKIP LOCKED test; "
+            f"{connection.vendor} has no SKIP LOCKED (it serialises the claims instead)"
         )
     rows = 20_000
     write_backlog(bridge, rows)
