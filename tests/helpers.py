@@ -24,23 +24,36 @@ def stream_subjects(name: str) -> list[str]:
     return list(info["config"]["subjects"])
 
 
-def stream_messages(name: str) -> list[Any]:
-    """Every message stored in stream ``name``, in order."""
+def stream_messages(name: str, *, concurrency: int = 64, retries: int = 5) -> list[Any]:
+    """Every message stored in stream ``name``, in order (read concurrently).
+
+    Each read is retried a few times: a cluster may be electing a stream leader meanwhile.
+    """
+    import asyncio
 
     async def read(conn: Connection) -> list[Any]:
         info = await conn.stream_info(name)
-        assert info is not None
-        if info["state"]["messages"] == 0:
+        assert info is not None, f"stream {name} does not exist"
+        state = info["state"]
+        if state["messages"] == 0:
             return []
-        first, last = info["state"]["first_seq"], info["state"]["last_seq"]
-        messages = []
-        for seq in range(first, last + 1):
-            message = await conn.get_message(name, seq)
-            if message is not None:
-                messages.append(message)
-        return messages
+        gate = asyncio.Semaphore(concurrency)
 
-    return nats(read)
+        async def one(seq: int) -> Any:
+            async with gate:
+                for attempt in range(retries):
+                    try:
+                        return await conn.get_message(name, seq)
+                    except Exception:
+                        if attempt == retries - 1:
+                            raise
+                        await asyncio.sleep(0.5)
+            return None
+
+        seqs = range(state["first_seq"], state["last_seq"] + 1)
+        return [m for m in await asyncio.gather(*(one(seq) for seq in seqs)) if m is not None]
+
+    return get_runtime().call(read, timeout=600)
 
 
 def manage(
@@ -62,29 +75,11 @@ def stream_count(name: str) -> int:
     return int(info["state"]["messages"]) if info else 0
 
 
-def stream_msg_ids(name: str, *, concurrency: int = 128) -> list[str]:
-    """The ``Nats-Msg-Id`` of every stored message, in stream order (read concurrently)."""
-    import asyncio
-
+def stream_msg_ids(name: str) -> list[str]:
+    """The ``Nats-Msg-Id`` of every stored message, in stream order."""
     from jetstream_bridge.core.envelope import MSG_ID_HEADER
 
-    async def read(conn: Connection) -> list[str]:
-        info = await conn.stream_info(name)
-        assert info is not None, f"stream {name} does not exist"
-        state = info["state"]
-        if state["messages"] == 0:
-            return []
-        gate = asyncio.Semaphore(concurrency)
-
-        async def one(seq: int) -> Any:
-            async with gate:
-                return await conn.get_message(name, seq)
-
-        seqs = range(state["first_seq"], state["last_seq"] + 1)
-        messages = await asyncio.gather(*(one(seq) for seq in seqs))
-        return [m.headers.get(MSG_ID_HEADER, "") for m in messages if m is not None]
-
-    return get_runtime().call(read, timeout=120)
+    return [m.headers.get(MSG_ID_HEADER, "") for m in stream_messages(name)]
 
 
 def spawn(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:

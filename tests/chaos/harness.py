@@ -254,42 +254,11 @@ def nats_call(job: Callable[[Connection], Any], timeout: float = 120) -> Any:
     return get_runtime().call(job, timeout=timeout)
 
 
-@dataclass(frozen=True)
-class StoredHeaders:
-    seq: int
-    subject: str
-    headers: dict[str, str]
-    data: bytes
-
-
-def read_stream(stream: str, *, concurrency: int = 64) -> list[StoredHeaders]:
+def read_stream(stream: str) -> list[Any]:
     """Every message stream ``stream`` stores (subject, headers, body), in order."""
-    import asyncio
+    from tests.helpers import stream_messages
 
-    async def read(conn: Connection) -> list[StoredHeaders]:
-        info = await conn.stream_info(stream)
-        assert info is not None, f"stream {stream} does not exist"
-        state = info["state"]
-        if state["messages"] == 0:
-            return []
-        gate = asyncio.Semaphore(concurrency)
-
-        async def one(seq: int) -> Any:
-            async with gate:
-                for attempt in range(5):
-                    try:
-                        return await conn.get_message(stream, seq)
-                    except Exception:
-                        if attempt == 4:
-                            raise
-                        await asyncio.sleep(0.5)
-            return None
-
-        seqs = range(state["first_seq"], state["last_seq"] + 1)
-        found = await asyncio.gather(*(one(seq) for seq in seqs))
-        return [StoredHeaders(m.seq, m.subject, m.headers, m.data) for m in found if m]
-
-    return list(nats_call(read, timeout=600))
+    return stream_messages(stream)
 
 
 def effect_ids() -> list[str]:
