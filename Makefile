@@ -1,10 +1,12 @@
 # Two commands do everything on a machine with only Python 3.10+:
 #   make demo   run two services exchanging events through an embedded nats-server
 #   make test   run the whole test suite (SQLite; set DATABASE_URL for another database)
+#   make bench  benchmarks and baselines on PostgreSQL (DATABASE_URL; docs/benchmarks.md)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: demo test lint typecheck check chaos bench clean
 
@@ -17,6 +19,14 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python example_project/demo.py
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,lint,typing,bench]'
+	@touch $(BENCH_STAMP)
+
+# BENCH_ARGS="--only relay_1,raw_pipelined" or "--smoke"; the full run takes ~15 minutes.
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
