@@ -374,6 +374,8 @@ class Consumer:
                     seen_ids[event["event_id"]] = Seen(
                         seen.pk if seen is not None else None, InboxStatus.PROCESSED
                     )
+            if inbox is not None:
+                inbox.flush()
         return outcomes
 
     def process_stored(self, pk: Any) -> Outcome:
@@ -404,7 +406,9 @@ class Consumer:
                 event = decode(delivery.data)
             except MalformedEnvelope as exc:
                 error = exc
-            return self._process_one(inbox, delivery, event, error, Seen(row.pk, row.status))
+            outcome = self._process_one(inbox, delivery, event, error, Seen(row.pk, row.status))
+            inbox.flush()
+            return outcome
 
     def _process_one(
         self,
@@ -433,7 +437,7 @@ class Consumer:
                 else:
                     fn(event, delivery.subject, delivery.deliveries)
                 if inbox is not None:
-                    self._record(inbox, delivery, event, seen, InboxStatus.PROCESSED)
+                    self._record(inbox, delivery, event, seen, InboxStatus.PROCESSED, defer=True)
         except RejectMessage as exc:
             return self._fail(inbox, delivery, event, exc, seen, reason=dlq.REJECTED)
         except DatabaseError as exc:
@@ -507,6 +511,8 @@ class Consumer:
         seen: Seen | None,
         status: str,
         error: str | None = None,
+        *,
+        defer: bool = False,
     ) -> None:
         inbox.record(
             existing=seen if seen is not None and seen.pk is not None else None,
@@ -518,6 +524,7 @@ class Consumer:
             event=event,
             headers=delivery.headers,
             error=error,
+            defer=defer,
         )
 
 

@@ -36,6 +36,7 @@ class Inbox:
         self.names = field_names(self.model)
         self.consumer = consumer
         self.manager = self.model._default_manager.db_manager(using)
+        self._deferred: list[models.Model] = []
 
     def _scoped(self) -> models.QuerySet[Any]:
         queryset: models.QuerySet[Any] = self.manager.all()
@@ -88,8 +89,13 @@ class Inbox:
         event: dict[str, Any] | None,
         headers: dict[str, str],
         error: str | None = None,
+        defer: bool = False,
     ) -> None:
-        """Insert or update the row for one delivery with its outcome."""
+        """Insert or update the row for one delivery with its outcome.
+
+        With ``defer`` a new row waits for ``flush()``: one multi-row INSERT per batch instead
+        of one per message (per-message ORM inserts took ~40% of a consumer batch).
+        """
         now = timezone.now()
         values: dict[str, Any] = {
             "status": status,
@@ -123,4 +129,19 @@ class Inbox:
             stream_seq=stream_seq,
             received_at=now,
         )
-        self.manager.create(**only_fields(self.model, values))
+        row = self.model(**only_fields(self.model, values))
+        if defer:
+            self._deferred.append(row)
+        else:
+            row.save(using=self.manager.db, force_insert=True)
+
+    def flush(self) -> None:
+        """Insert the deferred rows in one statement (inside the batch transaction).
+
+        A unique-key conflict here means another worker handled one of these events
+        concurrently: the error rolls the whole batch back, handler writes included, and the
+        messages come back to be recognised as duplicates.
+        """
+        if self._deferred:
+            rows, self._deferred = self._deferred, []
+            self.manager.bulk_create(rows)
