@@ -154,8 +154,20 @@ def test_consume__poison_message_goes_to_the_dlq_after_max_deliver(bridge: Any) 
             handlers.record_effect,
         ),
         (None, dlq.REJECTED, handlers.rejects),
+        (
+            json.dumps(
+                {
+                    "event_id": "deep-1",
+                    "event_type": "created",
+                    "resource_type": "order",
+                    "payload": json.loads('{"x":' * 100 + "1" + "}" * 100),
+                }
+            ).encode(),
+            dlq.MALFORMED,
+            handlers.record_effect,
+        ),
     ],
-    ids=["bytes", "no-event-id", "reject"],
+    ids=["bytes", "no-event-id", "reject", "nested-100-deep"],
 )
 def test_consume__unrecoverable_messages_go_to_the_dlq_on_first_delivery(
     bridge: Any, body: bytes | None, reason: str, handler: Any
@@ -186,6 +198,18 @@ def test_consume__event_without_a_handler_is_dead_lettered_not_dropped(bridge: A
     [letter] = dead_letters(bridge)
     assert letter.headers[dlq.REASON] == dlq.NO_HANDLER
     assert "order/created" in letter.headers[dlq.ERROR_MESSAGE]
+
+
+def test_consume__a_message_naming_code_never_imports_it(bridge: Any) -> None:
+    # Handlers come from the registry or --handler only; a type naming a module is just text.
+    envelope = build_envelope(
+        producer="beta", resource_type="os", event_type="system", payload={"cmd": "true"}
+    )
+    publish_raw(bridge, encode(envelope))
+    consume(None, registry=HandlerRegistry())
+    [letter] = dead_letters(bridge)
+    assert letter.headers[dlq.REASON] == dlq.NO_HANDLER
+    assert "os/system" in letter.headers[dlq.ERROR_MESSAGE]
 
 
 def test_consume__registry_dispatches_by_resource_and_event_type(bridge: Any) -> None:
