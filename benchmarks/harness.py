@@ -104,7 +104,7 @@ def ensure_database(url: str) -> str:
     if parts.scheme not in ("postgres", "postgresql", "pgsql"):
         raise SystemExit(f"DATABASE_URL must point to PostgreSQL, got {parts.scheme}://")
     name = database_name(url)
-    params = {
+    params: dict[str, Any] = {
         "host": parts.hostname or "127.0.0.1",
         "port": parts.port or 5432,
         "user": unquote(parts.username or "postgres"),
@@ -430,9 +430,10 @@ def build_rows(report: Report, specs: dict[str, Spec], smoke: bool) -> list[Row]
             )
 
     for key, reference in (("latency", False), ("latency_100", True)):
-        p50 = report.get(key, "p50_ms")
-        if p50 is None:
+        latency_p50 = report.get(key, "p50_ms")
+        if latency_p50 is None:
             continue
+        p50 = latency_p50
         p99 = report.get(key, "p99_ms") or 0.0
         achieved = report.get(key, "achieved_rate") or 0.0
         busy = report.get(key, "busy_cores") or 0.0

@@ -12,6 +12,8 @@ class Order(models.Model):
     total_cents = models.IntegerField()
     created_at = models.DateTimeField(auto_now_add=True)
 
+    objects: models.Manager[Order] = models.Manager()
+
     def __str__(self) -> str:
         return self.number
 
@@ -22,6 +24,8 @@ class HandledEvent(models.Model):
     event_id = models.CharField(max_length=255, unique=True)
     source = models.CharField(max_length=32)
     started_at = models.FloatField(help_text="time.time() when the handler started")
+
+    objects: models.Manager[HandledEvent] = models.Manager()
 
     def __str__(self) -> str:
         return self.event_id

@@ -115,6 +115,7 @@ class Consumer:
         self.stream = ""
         self._keepalive_every = self.config.ack_wait / 3
         self._database_down = False
+        self._defer_inbox = True  # one multi-row inbox INSERT per batch (see _process_batch)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -342,7 +343,22 @@ class Consumer:
 
     def _process_batch(self, deliveries: list[Delivery]) -> list[Outcome]:
         close_old_connections()
-        return self._process_deliveries(deliveries)
+        try:
+            return self._process_deliveries(deliveries)
+        except IntegrityError:
+            # The batch's one inbox INSERT met a row another worker committed meanwhile: the
+            # whole batch rolled back, handler writes included. Redo it with an INSERT per
+            # message inside each savepoint, so only the events handled elsewhere fail (and
+            # come back to be acked as duplicates) instead of the batch counting as an outage.
+            logger.info(
+                "inbox conflict in a batch; redoing it message by message",
+                extra={"durable": self.durable, "messages": len(deliveries)},
+            )
+            self._defer_inbox = False
+            try:
+                return self._process_deliveries(deliveries)
+            finally:
+                self._defer_inbox = True
 
     def _process_deliveries(self, deliveries: list[Delivery]) -> list[Outcome]:
         """Handle deliveries in one transaction and decide each; settle nothing."""
@@ -437,7 +453,9 @@ class Consumer:
                 else:
                     fn(event, delivery.subject, delivery.deliveries)
                 if inbox is not None:
-                    self._record(inbox, delivery, event, seen, InboxStatus.PROCESSED, defer=True)
+                    self._record(
+                        inbox, delivery, event, seen, InboxStatus.PROCESSED, defer=self._defer_inbox
+                    )
         except RejectMessage as exc:
             return self._fail(inbox, delivery, event, exc, seen, reason=dlq.REJECTED)
         except DatabaseError as exc:
