@@ -160,14 +160,20 @@ class Publisher:
     def _dispatch(self, prepared: _Prepared) -> PublishResult:
         if prepared.config.use_outbox:
             return self._write_outbox(prepared)
-        if transaction.get_connection(self.using).in_atomic_block:
-            transaction.on_commit(
-                functools.partial(_sender.after_commit, prepared, self.using), using=self.using
-            )
-            logger.debug("publish deferred until commit", extra=_log_fields(prepared))
+        if self._defer_until_commit(prepared):
             return prepared.result("deferred")
         ack = _sender.send(prepared)
         return prepared.result("sent", ack)
+
+    def _defer_until_commit(self, prepared: _Prepared) -> bool:
+        """Inside a transaction, send on commit (never on rollback); tell whether it did."""
+        if not transaction.get_connection(self.using).in_atomic_block:
+            return False
+        transaction.on_commit(
+            functools.partial(_sender.after_commit, prepared, self.using), using=self.using
+        )
+        logger.debug("publish deferred until commit", extra=_log_fields(prepared))
+        return True
 
     def _write_outbox(self, prepared: _Prepared) -> PublishResult:
         config = prepared.config
@@ -218,15 +224,7 @@ class Publisher:
         if prepared.config.use_outbox:
             return await sync_to_async(self._write_outbox)(prepared)
 
-        def defer_if_in_transaction() -> bool:
-            if not transaction.get_connection(self.using).in_atomic_block:
-                return False
-            transaction.on_commit(
-                functools.partial(_sender.after_commit, prepared, self.using), using=self.using
-            )
-            return True
-
-        if await sync_to_async(defer_if_in_transaction)():
+        if await sync_to_async(self._defer_until_commit)(prepared):
             return prepared.result("deferred")
         ack = await _sender.send_async(prepared)
         return prepared.result("sent", ack)
