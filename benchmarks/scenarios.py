@@ -508,26 +508,33 @@ def _fill_outbox(count: int) -> None:
         cursor.execute("ANALYZE jetstream_outbox_events")
 
 
-def _relay_process(barrier: Any, results: Any) -> None:
+def _relay_process(barrier: Any, results: Any, workers: int) -> None:
     from django.core.management import call_command
 
     from jetstream_bridge import outbox
 
     # Where the relay's time goes: leasing rows and recording results; the rest is waiting
     # for publishes and the Python around them.
+    from jetstream_bridge.relay import Relay
+
     timer = _Timer()
-    timer.wrap_sync(outbox, "claim_batch", "claim")
+    timer.wrap_sync(outbox, "claim_batch", "claim")  # SQLite: a lease per batch
+    timer.wrap_sync(outbox, "lock_batch", "claim")  # PostgreSQL: row locks, one transaction
     timer.wrap_sync(outbox, "mark_sent", "record")
+    # Threads, each spending its own wall time in the phases.
+    workers = Relay(workers=workers).workers
     barrier.wait()
     started = time.monotonic()
     out = io.StringIO()
-    call_command("jetstream_relay", "--once", stdout=out)
+    call_command("jetstream_relay", "--once", "--workers", str(workers), stdout=out)
     ended = time.monotonic()
-    share = {label: spent / (ended - started) for label, spent in timer.spent.items()}
+    share = {
+        label: spent / (ended - started) / workers for label, spent in timer.spent.items()
+    }
     results.put((started, ended, out.getvalue().strip(), share))
 
 
-def relay(count: int, relays: int) -> dict[str, Any]:
+def relay(count: int, relays: int, workers: int = 2) -> dict[str, Any]:
     """``jetstream_relay --once`` in ``relays`` processes draining a ``count``-row backlog."""
     setup_django("alpha", "beta", BENCH_FAST_PATH="0")
     from django.db import connections
@@ -541,7 +548,7 @@ def relay(count: int, relays: int) -> dict[str, Any]:
     barrier = context.Barrier(relays + 1)
     results = context.Queue()
     processes = [
-        context.Process(target=_relay_process, args=(barrier, results)) for _ in range(relays)
+        context.Process(target=_relay_process, args=(barrier, results, workers)) for _ in range(relays)
     ]
     for process in processes:
         process.start()

@@ -112,34 +112,18 @@ class LeaseFieldsMissing(ConfigurationError):
         )
 
 
-def claim_batch(
-    config: BridgeConfig,
-    *,
-    using: str | None,
-    limit: int,
-    now: datetime | None = None,
-    after: Any = None,
-) -> tuple[str, list[ClaimedRow]]:
-    """Lease up to ``limit`` due rows for this relay; return the lease token and the rows.
-
-    The transaction is short: ``SELECT ... FOR UPDATE SKIP LOCKED`` then one UPDATE. The
-    network I/O happens after it commits, protected by the lease instead of a lock. With
-    ``after``, only rows with a greater primary key are considered (see ``Relay.drain``).
-    """
-    model = outbox_model(config)
+def _due_rows(
+    config: BridgeConfig, model: type[models.Model], alias: str, now: datetime, after: Any
+) -> models.QuerySet[Any]:
+    """Rows a relay may take now, in key order: unsent and due, or leased with the lease gone."""
     names = field_names(model)
-    missing = [name for name in LEASE_FIELDS if name not in names]
-    if missing:
-        raise LeaseFieldsMissing(model, missing)
-    alias = using or router.db_for_write(model)
-    now = now or timezone.now()
-    token = uuid.uuid4().hex
     manager = model._default_manager.db_manager(alias)
     due = models.Q(status__in=[OutboxStatus.PENDING, OutboxStatus.FAILED])
     if "available_at" in names:
         due &= models.Q(available_at__lte=now)
-    due |= models.Q(status=OutboxStatus.PUBLISHING, locked_until__lt=now)
-    queryset = manager.filter(due)
+    if "locked_until" in names:
+        due |= models.Q(status=OutboxStatus.PUBLISHING, locked_until__lt=now)
+    queryset: models.QuerySet[Any] = manager.filter(due)
     if after is not None:
         queryset = queryset.filter(pk__gt=after)
     if config.outbox_ordering and {"resource_type", "resource_id"} <= names:
@@ -150,18 +134,120 @@ def claim_batch(
         ).exclude(status=OutboxStatus.SENT)
         # Events without a resource id have nothing to be ordered against.
         queryset = queryset.filter(models.Q(resource_id="") | ~Exists(older_unsent))
+    ordered: models.QuerySet[Any] = queryset.order_by("pk").annotate(
+        body=Cast("payload", TextField())
+    )
+    return ordered
+
+
+def _row_columns(names: frozenset[str]) -> tuple[str, ...]:
+    """What a relay reads of a row; ``headers`` and ``attempts`` only where the model has them."""
+    optional = tuple(name for name in ("headers", "attempts") if name in names)
+    return ("pk", "event_id", "subject", "body", *optional)
+
+
+def _claimed_rows(
+    rows: Iterable[Sequence[Any]], names: frozenset[str], *, counted: bool
+) -> list[ClaimedRow]:
+    """``ClaimedRow``s from tuples read with ``_row_columns(names)``.
+
+    ``counted`` says whether the attempts read already include this claim.
+    """
+    has_headers, has_attempts = "headers" in names, "attempts" in names
+    claimed = []
+    for row in rows:
+        pk, event_id, subject, body = row[:4]
+        headers = row[4] if has_headers else None
+        merged = {str(k): str(v) for k, v in (headers or {}).items()}
+        merged[MSG_ID_HEADER] = event_id
+        tries = int(row[-1]) + (0 if counted else 1) if has_attempts else 1
+        claimed.append(ClaimedRow(pk, event_id, subject, body.encode("utf-8"), merged, tries))
+    return claimed
+
+
+def can_lock_rows(config: BridgeConfig, using: str | None) -> bool:
+    """Whether relays hold row locks while publishing (``lock_batch``) or take leases.
+
+    Locks need ``SKIP LOCKED`` (PostgreSQL, MySQL 8, MariaDB 10.6); SQLite has one database-wide
+    write lock, so holding it while publishing would stall every writer: it uses leases.
+    """
+    model = outbox_model(config)
+    alias = using or router.db_for_write(model)
+    return bool(connections[alias].features.has_select_for_update_skip_locked)
+
+
+def lock_batch(
+    config: BridgeConfig,
+    *,
+    using: str | None,
+    limit: int,
+    now: datetime | None = None,
+    after: Any = None,
+) -> list[ClaimedRow]:
+    """Lock up to ``limit`` due rows for the caller's transaction; return them in key order.
+
+    Must run inside ``transaction.atomic()``. The caller publishes the rows and records the
+    results before committing: a relay that dies rolls back and its rows are due again at
+    once, and each row is written once (sent or failed) instead of twice (leased, then
+    sent), which doubled a relay's database throughput on PostgreSQL (docs/benchmarks.md).
+    Other relays skip the locked rows (``SKIP LOCKED``).
+    """
+    model = outbox_model(config)
+    alias = using or router.db_for_write(model)
+    connection = connections[alias]
+    if not connection.in_atomic_block:
+        raise RuntimeError("lock_batch() must run inside transaction.atomic()")
+    if connection.vendor == "postgresql":
+        # A relay that stalls while publishing (a stopped process, a hung network) must not
+        # hold its rows forever: PostgreSQL ends the session once it has sat idle in the
+        # transaction for RELAY_LEASE, which releases the locks, and another relay sends the
+        # rows. Never less than a batch may take against a server that stopped answering
+        # (two rounds of publish timeouts), or a slow but live relay would be cut off.
+        limit_ms = int(max(config.relay_lease, 2 * config.request_timeout + 1.0) * 1000)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT set_config('idle_in_transaction_session_timeout', %s, true)",
+                [str(limit_ms)],
+            )
+    lock: dict[str, Any] = {"skip_locked": True}
+    if connection.features.has_select_for_update_of:
+        lock["of"] = ("self",)
+    queryset = _due_rows(config, model, alias, now or timezone.now(), after)
+    columns = _row_columns(field_names(model))
+    rows = list(queryset.select_for_update(**lock).values_list(*columns)[:limit])
+    return _claimed_rows(rows, field_names(model), counted=False)
+
+
+def claim_batch(
+    config: BridgeConfig,
+    *,
+    using: str | None,
+    limit: int,
+    now: datetime | None = None,
+    after: Any = None,
+) -> tuple[str, list[ClaimedRow]]:
+    """Lease up to ``limit`` due rows for this relay; return the lease token and the rows.
+
+    The transaction is short: ``SELECT ... FOR UPDATE SKIP LOCKED`` then one UPDATE (on
+    SQLite, a single UPDATE). The network I/O happens after it commits, protected by the lease
+    instead of a lock. With ``after``, only rows with a greater primary key are considered
+    (see ``Relay.drain``). Relays use this where ``can_lock_rows()`` is false.
+    """
+    model = outbox_model(config)
+    names = field_names(model)
+    missing = [name for name in LEASE_FIELDS if name not in names]
+    if missing:
+        raise LeaseFieldsMissing(model, missing)
+    alias = using or router.db_for_write(model)
+    now = now or timezone.now()
+    token = uuid.uuid4().hex
+    manager = model._default_manager.db_manager(alias)
+    queryset = _due_rows(config, model, alias, now, after)
     features = connections[alias].features
     lock: dict[str, Any] = {"skip_locked": features.has_select_for_update_skip_locked}
     if features.has_select_for_update_of:
         lock["of"] = ("self",)
-    columns = (
-        "pk",
-        "event_id",
-        "subject",
-        "body",
-        "headers",
-        "attempts" if "attempts" in names else "pk",
-    )
+    columns = _row_columns(names)
     update: dict[str, Any] = {
         "status": OutboxStatus.PUBLISHING,
         "locked_by": token,
@@ -169,13 +255,12 @@ def claim_batch(
     }
     if "attempts" in names:
         update["attempts"] = F("attempts") + 1
-    counted = 0  # whether the attempts read below already include this claim
     with transaction.atomic(using=alias):
         if connections[alias].vendor == "sqlite":
             # A SELECT first would hold a shared lock that SQLite refuses to upgrade while
             # another process writes ("database is locked"); a single UPDATE waits for the
             # write lock instead, and the database-wide lock makes SKIP LOCKED unnecessary.
-            picked = queryset.order_by("pk").values("pk")[:limit]
+            picked = queryset.values("pk")[:limit]
             if not manager.filter(pk__in=picked).update(**update):
                 return token, []
             rows = list(
@@ -184,32 +269,12 @@ def claim_batch(
                 .annotate(body=Cast("payload", TextField()))
                 .values_list(*columns)
             )
-            counted = 1
-        else:
-            rows = list(
-                queryset.select_for_update(**lock)
-                .order_by("pk")
-                .annotate(body=Cast("payload", TextField()))
-                .values_list(*columns)[:limit]
-            )
-            if not rows:
-                return token, []
-            manager.filter(pk__in=[row[0] for row in rows]).update(**update)
-    claimed = []
-    for pk, event_id, subject, body, headers, attempts in rows:
-        merged = {str(k): str(v) for k, v in (headers or {}).items()}
-        merged[MSG_ID_HEADER] = event_id
-        claimed.append(
-            ClaimedRow(
-                pk,
-                event_id,
-                subject,
-                body.encode("utf-8"),
-                merged,
-                int(attempts) + 1 - counted if "attempts" in names else 1,
-            )
-        )
-    return token, claimed
+            return token, _claimed_rows(rows, names, counted=True)
+        rows = list(queryset.select_for_update(**lock).values_list(*columns)[:limit])
+        if not rows:
+            return token, []
+        manager.filter(pk__in=[row[0] for row in rows]).update(**update)
+    return token, _claimed_rows(rows, names, counted=False)
 
 
 def has_older_unsent(
@@ -259,14 +324,22 @@ def mark_sent(
     using: str | None,
     sent: Iterable[tuple[Any, int | None]],
     token: str | None = None,
+    locked: bool = False,
 ) -> int:
-    """Mark rows sent in one UPDATE; with ``token`` only rows this relay still leases."""
+    """Mark rows sent ``(pk, stream_seq)`` in one UPDATE, fenced three ways.
+
+    With ``token``, only rows this relay still leases. With ``locked``, the caller holds the
+    rows' locks (``lock_batch``) and the attempt is counted here. Otherwise (the fast path) a
+    row already sent is left alone: the fast path never overrides a relay.
+    """
     pairs = list(sent)
     if not pairs:
         return 0
     model = outbox_model(config)
     names = field_names(model)
     alias = using or router.db_for_write(model)
+    if connections[alias].vendor == "postgresql":
+        return _mark_sent_postgresql(model, names, alias, pairs, token, locked)
     values: dict[str, Any] = {"status": OutboxStatus.SENT}
     if "sent_at" in names:
         values["sent_at"] = timezone.now()
@@ -279,11 +352,69 @@ def mark_sent(
     if "locked_by" in names:
         values.update(locked_by=None, locked_until=None)
     queryset = model._default_manager.db_manager(alias).filter(pk__in=[pk for pk, _ in pairs])
-    if token is not None:
+    if locked:
+        if "attempts" in names:
+            values["attempts"] = F("attempts") + 1
+    elif token is not None:
         queryset = queryset.filter(locked_by=token)
     else:
         queryset = queryset.exclude(status=OutboxStatus.SENT)
     return int(queryset.update(**values))
+
+
+def _mark_sent_postgresql(
+    model: type[models.Model],
+    names: frozenset[str],
+    alias: str,
+    pairs: list[tuple[Any, int | None]],
+    token: str | None,
+    locked: bool,
+) -> int:
+    """``mark_sent`` as one statement joining two arrays (keys, stream sequences).
+
+    The ORM's ``pk IN (...)`` plus a ``CASE`` per row sent ~1,500 parameters per 500-row
+    batch, and psycopg parsed that query text anew each time: recording took a third of a
+    relay's time (docs/benchmarks.md). Two array parameters keep the query text constant.
+    """
+    connection = connections[alias]
+    quote = connection.ops.quote_name
+    pk_column = quote(_column(model, model._meta.pk.name))
+    pk_type = model._meta.pk.rel_db_type(connection)
+    assignments = [f"{quote(_column(model, 'status'))} = %s"]
+    params: list[Any] = [OutboxStatus.SENT]
+    if "sent_at" in names:
+        assignments.append(f"{quote(_column(model, 'sent_at'))} = %s")
+        params.append(timezone.now())
+    for name in ("last_error", "locked_by", "locked_until"):
+        if name in names:
+            assignments.append(f"{quote(_column(model, name))} = NULL")
+    if "stream_seq" in names:
+        column = quote(_column(model, "stream_seq"))
+        assignments.append(f"{column} = COALESCE(v.seq, t.{column})")
+    fence_params: list[Any] = []
+    if locked:
+        fence = "TRUE"
+        if "attempts" in names:
+            column = quote(_column(model, "attempts"))
+            assignments.append(f"{column} = t.{column} + 1")
+    elif token is not None:
+        fence = f"t.{quote(_column(model, 'locked_by'))} = %s"
+        fence_params = [token]
+    else:
+        fence = f"t.{quote(_column(model, 'status'))} <> %s"
+        fence_params = [OutboxStatus.SENT]
+    # Only quoted column names and the key's type are interpolated; values are parameters.
+    table = quote(model._meta.db_table)
+    sql = (
+        f"UPDATE {table} AS t SET {', '.join(assignments)} "  # noqa: S608
+        f"FROM unnest(%s::{pk_type}[], %s::bigint[]) AS v(pk, seq) "
+        f"WHERE t.{pk_column} = v.pk AND {fence}"
+    )
+    keys = [pk for pk, _ in pairs]
+    seqs = [seq for _, seq in pairs]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*params, keys, seqs, *fence_params])
+        return int(cursor.rowcount)
 
 
 def mark_failed(
@@ -292,8 +423,12 @@ def mark_failed(
     using: str | None,
     failed: Iterable[tuple[Any, int, str]],
     token: str | None = None,
+    locked: bool = False,
 ) -> int:
-    """Record failures ``(pk, attempts, error)``; each row becomes due again after backoff."""
+    """Record failures ``(pk, attempts, error)``; each row becomes due again after backoff.
+
+    Fenced like ``mark_sent``: ``token``, ``locked`` or (the fast path) only pending rows.
+    """
     model = outbox_model(config)
     names = field_names(model)
     alias = using or router.db_for_write(model)
@@ -314,7 +449,10 @@ def mark_failed(
         if "locked_by" in names:
             values.update(locked_by=None, locked_until=None)
         queryset = manager.filter(pk__in=pks)
-        if token is not None:
+        if locked:
+            if "attempts" in names:
+                values["attempts"] = F("attempts") + 1
+        elif token is not None:
             queryset = queryset.filter(locked_by=token)
         else:
             # The fast path never overrides a relay that has taken the row meanwhile.

@@ -1,10 +1,20 @@
 """The relay: publish what the fast path did not, from any number of processes at once.
 
-Each round claims a batch with a lease (``outbox.claim_batch``), publishes it pipelined on the
-shared connection, and records the results in bulk, fenced on the lease. Claiming the next
-batch overlaps the previous batch's publishes. A relay that dies leaves its rows leased; once
-the lease expires another relay re-sends them and the stream drops the duplicates by
-``Nats-Msg-Id`` (the duplicate window is validated to be longer than the lease).
+On databases with ``SKIP LOCKED`` (PostgreSQL, MySQL 8, MariaDB 10.6) each round is one
+transaction: lock a batch of due rows (``outbox.lock_batch``), publish it pipelined on the
+shared connection, record the results, commit. Other relays skip the locked rows. A relay
+that dies rolls back and its rows are due again at once; one that stalls is cut off by
+PostgreSQL after ``RELAY_LEASE`` idle in the transaction. ``workers`` rounds run at once (each
+thread with its own database connection), so one batch's publishing overlaps another's
+database work.
+
+On SQLite, whose one write lock cannot be held while publishing, a round leases its batch
+instead (``outbox.claim_batch``), publishes after that commit, and records the results fenced
+on the lease; claiming the next batch overlaps the previous batch's publishes. A relay that dies
+leaves its rows leased until the lease expires.
+
+Either way a re-sent row is dropped by the stream as a duplicate (``Nats-Msg-Id``; the
+duplicate window is validated to be longer than the lease).
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import close_old_connections, connections, router
+from django.db import close_old_connections, connections, router, transaction
 
 from . import metrics, outbox
 from .conf import get_config
@@ -139,14 +149,20 @@ class Relay:
         using: str | None = None,
         batch_size: int | None = None,
         max_in_flight: int = 256,
+        workers: int = 2,
         config: BridgeConfig | None = None,
     ) -> None:
         self.config = config or get_config()
         self.using = using or router.db_for_write(outbox.outbox_model(self.config))
         self.batch_size = batch_size or self.config.relay_batch_size
         self.max_in_flight = max_in_flight
+        self.locking = outbox.can_lock_rows(self.config, self.using)
+        # Leasing rounds already overlap publishing with the next claim in one thread.
+        self.workers = max(1, workers) if self.locking else 1
         self.stop = threading.Event()
         self.stats = RelayStats()
+        self._stats_lock = threading.Lock()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def _publish(self, rows: list[outbox.ClaimedRow]) -> concurrent.futures.Future[Results]:
         items = [(row.subject, row.body, row.headers) for row in rows]
@@ -156,32 +172,89 @@ class Relay:
 
         return get_runtime().submit(job)
 
-    def _record(self, token: str, rows: list[outbox.ClaimedRow], results: Results) -> None:
+    @staticmethod
+    def _unreachable() -> NatsError | None:
+        """Connect the shared connection if needed; the error if NATS cannot be reached."""
+
+        async def connected(conn: Connection) -> None:
+            return None
+
+        try:
+            get_runtime().call(connected)
+        except NatsError as exc:
+            return exc
+        return None
+
+    def _record(self, token: str | None, rows: list[outbox.ClaimedRow], results: Results) -> None:
+        """Record a batch's results: fenced on the lease ``token``, or (None) on held locks."""
+        fence: dict[str, Any] = {"token": token} if token is not None else {"locked": True}
         sent, failed = [], []
         for row, result in zip(rows, results, strict=True):
             if isinstance(result, Exception):
                 failed.append((row.pk, row.attempts, f"{type(result).__name__}: {result}"))
             else:
                 sent.append((row.pk, result.seq))
-        recorded = outbox.mark_sent(self.config, using=self.using, sent=sent, token=token)
+        recorded = outbox.mark_sent(self.config, using=self.using, sent=sent, **fence)
         if recorded < len(sent):
             # Our lease expired and another relay took these rows; it will record them.
             logger.warning("lease lost before recording", extra={"rows": len(sent) - recorded})
         if failed:
-            outbox.mark_failed(self.config, using=self.using, failed=failed, token=token)
+            outbox.mark_failed(self.config, using=self.using, failed=failed, **fence)
             logger.warning(
                 "relay publish failed for %d row(s): %s",
                 len(failed),
                 failed[0][2],
                 extra={"failed": len(failed)},
             )
-        self.stats.sent += recorded
-        self.stats.failed += len(failed)
-        self.stats.batches += 1
+        with self._stats_lock:
+            self.stats.sent += recorded
+            self.stats.failed += len(failed)
+            self.stats.batches += 1
         metrics.relayed(recorded, len(failed))
 
     def drain(self) -> int:
         """Publish everything due now; return how many rows were claimed."""
+        if not self.locking:
+            return self._drain_leased()
+        if self.workers == 1:
+            return self._drain_locked()
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                self.workers - 1, thread_name_prefix="jetstream-relay"
+            )
+        others = [self._pool.submit(self._drain_locked, True) for _ in range(self.workers - 1)]
+        claimed = self._drain_locked()
+        return claimed + sum(future.result() for future in others)
+
+    def _drain_locked(self, in_pool: bool = False) -> int:
+        """Lock, publish, record and commit batch after batch until nothing is due."""
+        claimed = 0
+        after: Any = None  # as in _drain_leased: claims start past the last key claimed
+        while not self.stop.is_set():
+            if in_pool:
+                close_old_connections()  # what a request does; run() does it for its thread
+            # Connect before taking any lock: a first connect may take CONNECT_TIMEOUT.
+            unreachable = self._unreachable()
+            with transaction.atomic(using=self.using):
+                rows = outbox.lock_batch(
+                    self.config, using=self.using, limit=self.batch_size, after=after
+                )
+                if rows and unreachable is not None:
+                    self._record(None, rows, [unreachable] * len(rows))
+                elif rows:
+                    self._record(None, rows, _results(self._publish(rows), rows))
+            if not rows:
+                if after is None:
+                    # Each round claims after its own commit, so rows that recording made
+                    # due (OUTBOX_ORDERING's next event of a resource) are seen here.
+                    break
+                after = None  # look behind the cursor once more (see _drain_leased)
+                continue
+            claimed += len(rows)
+            after = rows[-1].pk
+        return claimed
+
+    def _drain_leased(self) -> int:
         claimed = 0
         pending: tuple[str, list[outbox.ClaimedRow], concurrent.futures.Future[Results]] | None
         pending = None
@@ -237,7 +310,10 @@ class Relay:
     def run(self, *, once: bool = False) -> RelayStats:
         """Relay until ``stop`` is set (or, with ``once``, until nothing is due)."""
         if once:
-            self.drain()
+            try:
+                self.drain()
+            finally:
+                self.close()
             return self.stats
         waker = self._waker()
         logger.info("relay started", extra={"wake": waker.kind, "batch_size": self.batch_size})
@@ -255,4 +331,24 @@ class Relay:
                 close_old_connections()
         finally:
             waker.close()
+            self.close()
         return self.stats
+
+    def close(self) -> None:
+        """Stop the worker threads and close their database connections."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        # One task per thread: each waits at the barrier, so no thread runs two.
+        barrier = threading.Barrier(self.workers - 1, timeout=10)
+
+        def close_connections() -> None:
+            barrier.wait()
+            connections.close_all()
+
+        for future in [pool.submit(close_connections) for _ in range(self.workers - 1)]:
+            try:
+                future.result()
+            except threading.BrokenBarrierError:
+                logger.debug("a relay worker did not close its connections", exc_info=True)
+        pool.shutdown()

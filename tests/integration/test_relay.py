@@ -11,6 +11,7 @@ import json
 import re
 import signal
 import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 from django.conf import settings as django_settings
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, connections, transaction
 from django.db.models import Max
 from django.utils import timezone
 
@@ -281,15 +282,83 @@ def test_relay__resends_after_a_relay_is_killed_mid_run(
     wait_for_other_database_sessions_to_end()
     at_kill = stream_count(bridge.stream_name)
     assert at_kill < rows, "the relay finished before it was killed; raise the backlog"
-    # The dead relay still holds leases on the batches it had in hand.
-    assert OutboxEvent.objects.filter(status=OutboxStatus.PUBLISHING).exists()
     recorded_by_first = OutboxEvent.objects.filter(status=OutboxStatus.SENT).count()
-
-    wait_until_due()
+    if connection.features.has_select_for_update_skip_locked:
+        # Its batches were locked in transactions that died with it: nothing is left held,
+        # and every unsent row is due at once, without waiting for a lease to run out.
+        assert not OutboxEvent.objects.filter(status=OutboxStatus.PUBLISHING).exists()
+        assert OutboxEvent.objects.due().count() == rows - recorded_by_first
+    else:
+        # The dead relay still holds leases on the batches it had in hand.
+        assert OutboxEvent.objects.filter(status=OutboxStatus.PUBLISHING).exists()
+        wait_until_due()
     second = relay_cli.run("--once")
     assert second.returncode == 0, second.stderr
     assert relayed(second.stdout) == rows - recorded_by_first
     assert_each_row_in_the_stream_once(bridge, rows)
+
+
+def test_relay__a_relay_stalled_holding_row_locks_is_cut_off_after_the_lease(
+    bridge: BridgeConfig, settings: Any
+) -> None:
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL ends a session idle in its transaction; the others do not")
+    # The cut-off is RELAY_LEASE, but never less than two publish timeouts plus a second.
+    config = configure(settings, RELAY_LEASE="1s", REQUEST_TIMEOUT="500ms")
+    write_backlog(config, 20)
+    locked = threading.Event()
+    release = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def stalled_relay() -> None:
+        # Locks a batch, then hangs (a stopped process, a network that never answers).
+        try:
+            with transaction.atomic():
+                outcome["held"] = len(outbox.lock_batch(config, using=None, limit=100))
+                locked.set()
+                release.wait(10)
+                OutboxEvent.objects.count()  # wakes up and carries on
+        except Exception as exc:
+            outcome["error"] = exc
+        finally:
+            locked.set()
+            connections.close_all()
+
+    thread = threading.Thread(target=stalled_relay)
+    thread.start()
+    try:
+        assert locked.wait(10)
+        assert outcome.get("held") == 20
+        # Another relay skips the locked rows instead of waiting for them.
+        assert Relay().run(once=True).sent == 0
+        time.sleep(2.5)  # past the cut-off: PostgreSQL has ended the stalled session
+        stats = Relay().run(once=True)
+    finally:
+        release.set()
+        thread.join(10)
+    assert (stats.sent, stats.failed) == (20, 0)
+    assert_each_row_in_the_stream_once(config, 20)
+    # The stalled relay finds its transaction gone: it can record nothing late.
+    assert isinstance(outcome.get("error"), DatabaseError), outcome
+
+
+def test_relay__minimal_custom_outbox_model(bridge: BridgeConfig, settings: Any) -> None:
+    from tests.testapp.models import MinimalOutbox
+
+    config = configure(settings, OUTBOX_MODEL="testapp.MinimalOutbox", OUTBOX_FAST_PATH=False)
+    for index in range(3):
+        Publisher().publish(resource_type="user", event_type="created", payload={"id": index})
+    if not connection.features.has_select_for_update_skip_locked:
+        # Leases need columns the model lacks; the error says which and what to add.
+        with pytest.raises(outbox.LeaseFieldsMissing, match="locked_by, locked_until"):
+            Relay().run(once=True)
+        return
+    # Row locks need no extra columns: the three required ones are enough.
+    stats = Relay().run(once=True)
+    assert (stats.sent, stats.failed) == (3, 0)
+    assert set(MinimalOutbox.objects.values_list("status", flat=True)) == {OutboxStatus.SENT}
+    in_stream = stream_msg_ids(config.stream_name)
+    assert sorted(in_stream) == sorted(MinimalOutbox.objects.values_list("event_id", flat=True))
 
 
 def test_relay__drain_sends_a_row_that_becomes_due_behind_its_cursor(bridge: BridgeConfig) -> None:
@@ -299,7 +368,7 @@ def test_relay__drain_sends_a_row_that_becomes_due_behind_its_cursor(bridge: Bri
     OutboxEvent.objects.filter(pk=first).update(status=OutboxStatus.FAILED, available_at=later)
 
     class LateRow(Relay):
-        def _record(self, token: str, rows: list[outbox.ClaimedRow], results: Any) -> None:
+        def _record(self, token: str | None, rows: list[outbox.ClaimedRow], results: Any) -> None:
             super()._record(token, rows, results)
             # Mid-drain, the lowest key becomes due (its retry backoff ends), behind the
             # keys this drain has already claimed past.

@@ -23,6 +23,13 @@ class Command(BridgeCommand):
         parser.add_argument(
             "--max-in-flight", type=int, default=256, help="publishes awaiting their ack at once"
         )
+        parser.add_argument(
+            "--workers",
+            type=int,
+            default=2,
+            help="batches in hand at once, each in its own transaction (PostgreSQL, MySQL); "
+            "SQLite always uses 1",
+        )
         parser.add_argument("--database", help="database alias of the outbox")
         parser.add_argument(
             "--purge-sent-after",
@@ -43,6 +50,7 @@ class Command(BridgeCommand):
             using=options["database"],
             batch_size=options["batch_size"],
             max_in_flight=options["max_in_flight"],
+            workers=options["workers"],
         )
 
         def stop(signum: int, frame: FrameType | None) -> None:
