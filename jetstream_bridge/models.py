@@ -48,7 +48,7 @@ class OutboxQuerySet(models.QuerySet["OutboxEvent"]):
 class OutboxEvent(models.Model):
     """An event written in the business transaction, published after commit."""
 
-    event_id = models.CharField(max_length=255, unique=True)
+    event_id = models.CharField(max_length=255)
     subject = models.CharField(max_length=255)
     payload = models.JSONField(default=dict, help_text="The full envelope as published.")
     headers = models.JSONField(default=dict, blank=True)
@@ -82,8 +82,14 @@ class OutboxEvent(models.Model):
         db_table = "jetstream_outbox_events"
         verbose_name = "outbox event"
         permissions = [("retry_outboxevent", "Can retry publishing outbox events")]
+        # Every index is written again each time a row changes status, so only the ones that
+        # queries use: a constraint rather than unique=True (on PostgreSQL that also added a
+        # LIKE index nothing searches with), and no index on status alone (the due index
+        # leads with it).
+        constraints = [
+            models.UniqueConstraint(fields=["event_id"], name="jsb_outbox_event_id_uniq")
+        ]
         indexes = [
-            models.Index(fields=["status"], name="jsb_outbox_status_idx"),
             models.Index(fields=["status", "available_at"], name="jsb_outbox_due_idx"),
             models.Index(
                 fields=["resource_type", "resource_id", "id"], name="jsb_outbox_resource_idx"
