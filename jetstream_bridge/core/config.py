@@ -27,6 +27,7 @@ from .subjects import (
 DEFAULT_BACKOFF = ("1s", "5s", "15s", "30s", "60s")
 STORAGE_CHOICES = ("file", "memory")
 RETENTION_CHOICES = ("limits", "interest", "workqueue")
+HANDLER_SAVEPOINTS_CHOICES = ("on_failure", "always")
 _STREAM_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -126,6 +127,7 @@ class BridgeConfig:
     relay_retry_backoff: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0)
     outbox_ordering: bool = False
     outbox_fast_path: bool = True
+    handler_savepoints: str = "on_failure"
 
     @property
     def subjects(self) -> Subjects:
@@ -186,6 +188,8 @@ KNOWN_KEYS: dict[str, str] = {
     "RELAY_RETRY_BACKOFF": "delays before re-sending a row that failed",
     "OUTBOX_ORDERING": "publish a resource's events strictly in creation order",
     "OUTBOX_FAST_PATH": "publish right after commit instead of waiting for the relay",
+    "HANDLER_SAVEPOINTS": "on_failure (a savepoint per message only when redoing a batch whose "
+    "handler failed) or always (a savepoint per message in every batch)",
 }
 
 
@@ -559,6 +563,7 @@ def parse_config(raw: object) -> tuple[BridgeConfig | None, list[Problem]]:
         relay_retry_backoff=p.durations("RELAY_RETRY_BACKOFF", ("1s", "5s", "30s", "2m", "10m")),
         outbox_ordering=p.boolean("OUTBOX_ORDERING", False),
         outbox_fast_path=p.boolean("OUTBOX_FAST_PATH", True),
+        handler_savepoints=p.choice("HANDLER_SAVEPOINTS", "on_failure", HANDLER_SAVEPOINTS_CHOICES),
     )
     for key in ("OUTBOX_MODEL", "INBOX_MODEL"):
         value = kwargs[key.lower()]

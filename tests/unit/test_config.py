@@ -60,6 +60,8 @@ def test_parse_config__derives_stream_and_dlq_from_env() -> None:
         ({"DESTINATION_APP": "b", "MAX_DELIVER": 0, "BACKOFF": []}, ["E007"]),
         ({"DESTINATION_APP": "b", "NATS_URLS": "http//oops"}, ["E008"]),
         ({"DESTINATION_APP": "b", "STREAM_STORAGE": "disk"}, ["E009"]),
+        ({"DESTINATION_APP": "b", "HANDLER_SAVEPOINTS": "never"}, ["E009"]),
+        ({"DESTINATION_APP": "b", "HANDLER_SAVEPOINTS": True}, ["E009"]),
         ({"DESTINATION_APP": "b", "USE_OUTBOX": "maybe"}, ["E010"]),
         ({"DESTINATION_APP": "b", "DLQ_SUBJECT": "dlq.*"}, ["E011"]),
         ({"DESTINATION_APP": "b", "DLQ_SUBJECT": "$JS.API.x"}, ["E011"]),
@@ -75,6 +77,23 @@ def test_parse_config__derives_stream_and_dlq_from_env() -> None:
 )
 def test_parse_config__reports_each_problem_with_its_id(raw: Any, expected: list[str]) -> None:
     assert ids(raw) == expected
+
+
+def test_parse_config__handler_savepoints_defaults_to_on_failure_and_accepts_always() -> None:
+    config, problems = parse_config({"DESTINATION_APP": "b"})
+    assert config is not None
+    assert problems == []
+    assert config.handler_savepoints == "on_failure"
+    config, problems = parse_config({"DESTINATION_APP": "b", "HANDLER_SAVEPOINTS": "Always"})
+    assert config is not None
+    assert problems == []
+    assert config.handler_savepoints == "always"
+    config, [problem] = parse_config({"DESTINATION_APP": "b", "HANDLER_SAVEPOINTS": "sometimes"})
+    assert config is None
+    assert (problem.id, problem.key) == ("E009", "HANDLER_SAVEPOINTS")
+    assert "on_failure, always" in problem.msg
+    assert "'sometimes'" in problem.msg
+    assert problem.hint == "Write 'HANDLER_SAVEPOINTS': 'on_failure'."
 
 
 def test_parse_config__unknown_key_suggests_the_close_one() -> None:
