@@ -1,10 +1,32 @@
 """Durable pull consumer: fetch a batch, handle it in one database transaction, then settle.
 
-Per batch: ``close_old_connections()``, one ``transaction.atomic()`` with a savepoint per
-message (a failing handler rolls back only its own writes), the inbox row written in the same
-savepoint as the handler's writes, and acks sent only after the transaction commits. A crash
+Per batch: ``close_old_connections()``, one ``transaction.atomic()``, the inbox rows written
+in that transaction with the handlers' writes, and acks sent only after it commits. A crash
 before the commit applies nothing; a crash after it leaves unacked messages that the inbox
 recognises when they come back.
+
+Savepoints (``HANDLER_SAVEPOINTS``):
+
+* ``"on_failure"`` (the default): the batch's handlers run one after the other with no
+  savepoint between them (a savepoint pair costs two round trips per message). If every handler
+  succeeds, the batch commits. If one raises (anything: ``RejectMessage``, a database error),
+  or returns after a database error it caught without a savepoint of its own (which may have
+  left the transaction unusable), the whole transaction rolls back and the batch is redone with
+  a savepoint per message, as ``"always"`` does. A handler that raised is not run again: its
+  failure (retry or dead-letter, by the usual rules) is recorded from the first exception; one
+  that returned runs again, in its own savepoint. **So a batch with a failing handler runs its
+  other handlers' code twice; their database writes are applied exactly once** (the first run
+  was rolled back).
+  Side effects outside the database must tolerate reruns anyway: delivery is at-least-once.
+* ``"always"``: a savepoint per message in every batch; a failing handler rolls back only its
+  own writes, and no handler runs twice in a batch.
+
+In both modes a handler that returns with Django's transaction marked for rollback (an ORM
+error it caught outside ``atomic()``, ``transaction.set_rollback(True)``) has failed: its writes
+cannot commit, so its message is retried rather than acked.
+
+Messages that need no handler (duplicates, malformed envelopes, events without a handler) are
+recorded in their own savepoint in either mode and never cause a redo.
 """
 
 from __future__ import annotations
@@ -17,7 +39,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -31,6 +53,7 @@ from django.db import (
     router,
     transaction,
 )
+from django.db.transaction import TransactionManagementError
 
 from . import metrics
 from .conf import get_config
@@ -73,6 +96,7 @@ class ConsumerStats:
     retried: int = 0
     dead_lettered: int = 0
     batches: int = 0
+    redone: int = 0  # batches rolled back after a handler failed and redone with savepoints
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -115,7 +139,7 @@ class Consumer:
         self.stream = ""
         self._keepalive_every = self.config.ack_wait / 3
         self._database_down = False
-        self._defer_inbox = True  # one multi-row inbox INSERT per batch (see _process_batch)
+        self._query_errors: list[BaseException] = []
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -343,25 +367,62 @@ class Consumer:
 
     def _process_batch(self, deliveries: list[Delivery]) -> list[Outcome]:
         close_old_connections()
-        try:
-            return self._process_deliveries(deliveries)
-        except IntegrityError:
-            # The batch's one inbox INSERT met a row another worker committed meanwhile: the
-            # whole batch rolled back, handler writes included. Redo it with an INSERT per
-            # message inside each savepoint, so only the events handled elsewhere fail (and
-            # come back to be acked as duplicates) instead of the batch counting as an outage.
-            logger.info(
-                "inbox conflict in a batch; redoing it message by message",
-                extra={"durable": self.durable, "messages": len(deliveries)},
-            )
-            self._defer_inbox = False
+        savepoints = self.config.handler_savepoints == "always"
+        defer = True
+        failed: dict[int, Exception] = {}
+        while True:
             try:
-                return self._process_deliveries(deliveries)
-            finally:
-                self._defer_inbox = True
+                return self._process_deliveries(
+                    deliveries, savepoints=savepoints, defer=defer, failed=failed
+                )
+            except _RedoWithSavepoints as redo:
+                # The batch ran without a savepoint per message and one handler failed (or
+                # left the transaction unusable): everything rolled back. Redo the batch with
+                # a savepoint per message; the failed handler is not run again, its failure
+                # is recorded from this exception.
+                if redo.error is not None:
+                    failed[redo.index] = redo.error
+                savepoints = True
+                self.stats.redone += 1
+                logger.info(
+                    "handler failed in a batch without savepoints; redoing the batch with a "
+                    "savepoint per message",
+                    extra={
+                        "durable": self.durable,
+                        "messages": len(deliveries),
+                        "stream_seq": deliveries[redo.index].stream_seq,
+                    },
+                )
+            except IntegrityError:
+                if not defer:
+                    raise
+                # The batch's one inbox INSERT met a row another worker committed meanwhile:
+                # the whole batch rolled back, handler writes included. Redo it with an INSERT
+                # per message inside each savepoint, so only the events handled elsewhere fail
+                # (and come back to be acked as duplicates) instead of the batch counting as an
+                # outage.
+                logger.info(
+                    "inbox conflict in a batch; redoing it message by message",
+                    extra={"durable": self.durable, "messages": len(deliveries)},
+                )
+                defer = False
+                savepoints = True
 
-    def _process_deliveries(self, deliveries: list[Delivery]) -> list[Outcome]:
-        """Handle deliveries in one transaction and decide each; settle nothing."""
+    def _process_deliveries(
+        self,
+        deliveries: list[Delivery],
+        *,
+        savepoints: bool = True,
+        defer: bool = True,
+        failed: dict[int, Exception] | None = None,
+    ) -> list[Outcome]:
+        """Handle deliveries in one transaction and decide each; settle nothing.
+
+        Without ``savepoints`` a failing handler raises ``_RedoWithSavepoints`` (rolling the
+        whole transaction back). ``failed`` maps the index of a delivery whose handler already
+        failed in such a pass to its exception: that handler is not run again.
+        """
+        failed = failed or {}
         decoded: list[tuple[Delivery, dict[str, Any] | None, Exception | None]] = []
         for delivery in deliveries:
             try:
@@ -369,7 +430,8 @@ class Consumer:
             except MalformedEnvelope as exc:
                 decoded.append((delivery, None, exc))
         inbox = Inbox(self.config, self.durable, self.using) if self.config.use_inbox else None
-        with transaction.atomic(using=self.using):
+        watch = contextlib.nullcontext() if savepoints else self._watch_queries()
+        with transaction.atomic(using=self.using), watch:
             seen_ids: dict[str, Seen] = {}
             seen_seqs: dict[tuple[str, int], Seen] = {}
             if inbox is not None:
@@ -378,12 +440,24 @@ class Consumer:
                     [(d.stream, d.stream_seq) for d in deliveries],
                 )
             outcomes = []
-            for delivery, event, error in decoded:
+            for index, (delivery, event, error) in enumerate(decoded):
                 seen = None
                 if event is not None:
                     seen = seen_ids.get(event["event_id"])
                 seen = seen or seen_seqs.get((delivery.stream, delivery.stream_seq))
-                outcomes.append(self._process_one(inbox, delivery, event, error, seen))
+                outcomes.append(
+                    self._process_one(
+                        inbox,
+                        delivery,
+                        event,
+                        error,
+                        seen,
+                        savepoint=savepoints,
+                        defer=defer,
+                        failed=failed.get(index),
+                        index=index,
+                    )
+                )
                 if event is not None and inbox is not None and outcomes[-1].verdict is Verdict.ACK:
                     # The same event twice in one batch: the second is a duplicate, whether
                     # the first created the inbox row or turned an earlier failure around.
@@ -393,6 +467,27 @@ class Consumer:
             if inbox is not None:
                 inbox.flush()
         return outcomes
+
+    @contextlib.contextmanager
+    def _watch_queries(self) -> Iterator[None]:
+        """Note every failed query while the batch runs without savepoints.
+
+        A handler may catch a database error itself. Inside its own savepoint that is harmless,
+        but without one it can leave the batch transaction aborted (PostgreSQL) or, on MySQL, a
+        deadlock may have rolled it back: the next handler would then fail for an error that
+        is not its own. ``_run_unprotected`` checks these notes after each handler.
+        """
+        self._query_errors = []
+
+        def note(execute: Any, sql: Any, params: Any, many: bool, context: Any) -> Any:
+            try:
+                return execute(sql, params, many, context)
+            except Exception as exc:
+                self._query_errors.append(exc)
+                raise
+
+        with connections[self.using].execute_wrapper(note):
+            yield
 
     def process_stored(self, pk: Any) -> Outcome:
         """Run the handler once more for the stored inbox row ``pk`` (the admin's re-run).
@@ -433,6 +528,11 @@ class Consumer:
         event: dict[str, Any] | None,
         error: Exception | None,
         seen: Seen | None,
+        *,
+        savepoint: bool = True,
+        defer: bool = True,
+        failed: Exception | None = None,
+        index: int = 0,
     ) -> Outcome:
         if seen is not None and seen.status == InboxStatus.PROCESSED:
             return Outcome(delivery, Verdict.ACK, duplicate=True)
@@ -445,26 +545,97 @@ class Consumer:
                 f"no handler registered for {event['resource_type']}/{event['event_type']}"
             )
             return self._fail(inbox, delivery, event, missing, seen, reason=dlq.NO_HANDLER)
+        if failed is not None:
+            # It failed in this batch's first pass, which was rolled back: record that.
+            return self._handler_failed(inbox, delivery, event, failed, seen)
         fn = metrics.timed(fn, self.durable)
+        if not savepoint:
+            return self._run_unprotected(fn, inbox, delivery, event, seen, defer, index)
+        deferred = inbox.deferred() if inbox is not None else 0
         try:
             with transaction.atomic(using=self.using):  # a savepoint inside the batch
-                if iscoroutinefunction(fn):
-                    async_to_sync(fn)(event, delivery.subject, delivery.deliveries)
-                else:
-                    fn(event, delivery.subject, delivery.deliveries)
-                if inbox is not None:
-                    self._record(
-                        inbox, delivery, event, seen, InboxStatus.PROCESSED, defer=self._defer_inbox
-                    )
-        except RejectMessage as exc:
-            return self._fail(inbox, delivery, event, exc, seen, reason=dlq.REJECTED)
-        except DatabaseError as exc:
-            if connections[self.using].needs_rollback or not _connection_usable(self.using):
-                raise  # the batch transaction is broken: retry the whole batch
-            return self._fail(inbox, delivery, event, exc, seen, reason=None)
+                self._run_handler(fn, inbox, delivery, event, seen, defer)
         except Exception as exc:
-            return self._fail(inbox, delivery, event, exc, seen, reason=None)
+            if inbox is not None:
+                # The savepoint rolled back: so does the row waiting for this message (its
+                # release may fail after the handler returned and the row was deferred).
+                inbox.forget_deferred(deferred)
+            return self._handler_failed(inbox, delivery, event, exc, seen)
         return Outcome(delivery, Verdict.ACK)
+
+    def _run_handler(
+        self,
+        fn: Handler,
+        inbox: Inbox | None,
+        delivery: Delivery,
+        event: dict[str, Any],
+        seen: Seen | None,
+        defer: bool,
+    ) -> None:
+        if iscoroutinefunction(fn):
+            async_to_sync(fn)(event, delivery.subject, delivery.deliveries)
+        else:
+            fn(event, delivery.subject, delivery.deliveries)
+        if connections[self.using].needs_rollback:
+            # It caught an error Django marked for rollback (or called set_rollback): its
+            # writes will not commit, so it did not succeed. Without this, its savepoint would
+            # roll back quietly and a deferred inbox row would ack the message unapplied.
+            raise TransactionManagementError(
+                "the handler returned with the transaction marked for rollback"
+            )
+        if inbox is not None:
+            self._record(inbox, delivery, event, seen, InboxStatus.PROCESSED, defer=defer)
+
+    def _run_unprotected(
+        self,
+        fn: Handler,
+        inbox: Inbox | None,
+        delivery: Delivery,
+        event: dict[str, Any],
+        seen: Seen | None,
+        defer: bool,
+        index: int,
+    ) -> Outcome:
+        """Run the handler straight in the batch transaction; on any trouble, stop the pass."""
+        self._query_errors.clear()
+        try:
+            self._run_handler(fn, inbox, delivery, event, seen, defer)
+        except Exception as exc:
+            raise _RedoWithSavepoints(index, exc) from exc
+        if self._transaction_spoiled():
+            # The handler returned, but after a database error it caught: the transaction
+            # may be unusable. It runs again in the redo, in its own savepoint.
+            raise _RedoWithSavepoints(index, None)
+        return Outcome(delivery, Verdict.ACK)
+
+    def _transaction_spoiled(self) -> bool:
+        connection = connections[self.using]
+        if connection.vendor == "postgresql":
+            # Exact and free (libpq keeps it): an error aborts the transaction, nothing else
+            # does. A database error the handler caught inside its own savepoint is harmless.
+            raw = connection.connection
+            if raw is None:
+                return True
+            return int(raw.info.transaction_status) >= _PG_TRANSACTION_INERROR
+        # SQLite and MySQL keep a transaction going after most failed statements, but not
+        # after all (a MySQL deadlock rolls it back): any failed query makes the batch redo.
+        return bool(self._query_errors)
+
+    def _handler_failed(
+        self,
+        inbox: Inbox | None,
+        delivery: Delivery,
+        event: dict[str, Any],
+        exc: Exception,
+        seen: Seen | None,
+    ) -> Outcome:
+        if isinstance(exc, RejectMessage):
+            return self._fail(inbox, delivery, event, exc, seen, reason=dlq.REJECTED)
+        if isinstance(exc, DatabaseError) and (
+            connections[self.using].needs_rollback or not _connection_usable(self.using)
+        ):
+            raise exc  # the batch transaction is broken: retry the whole batch
+        return self._fail(inbox, delivery, event, exc, seen, reason=None)
 
     def _fail(
         self,
@@ -543,7 +714,24 @@ class Consumer:
             headers=delivery.headers,
             error=error,
             defer=defer,
+            body=delivery.data,
         )
+
+
+class _RedoWithSavepoints(Exception):
+    """A handler failed in a batch run without savepoints: roll back, redo with savepoints.
+
+    ``error`` is what the handler raised (``None`` when it returned but left the transaction
+    unusable, and so must run again).
+    """
+
+    def __init__(self, index: int, error: Exception | None) -> None:
+        super().__init__(index, error)
+        self.index = index
+        self.error = error
+
+
+_PG_TRANSACTION_INERROR = 3  # libpq PQTRANS_INERROR; PQTRANS_UNKNOWN (4) is worse
 
 
 def _connection_usable(alias: str) -> bool:

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import pytest
-from django.db import connection
+from django.db import DatabaseError, IntegrityError, connection, transaction
 
 from jetstream_bridge.consumer import Consumer
 from jetstream_bridge.core import dlq
@@ -244,6 +244,200 @@ def test_consume__without_inbox_still_acks_after_commit(bridge: Any, settings: A
     consume(handlers.record_effect)
     assert sorted(effects()) == sorted(ids)
     assert InboxEvent.objects.count() == 0
+
+
+class CountingHandler:
+    """Counts runs per event (with their delivery numbers); fails on ``payload["poison"]``
+    after writing its effect, so a test sees that write rolled back."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, list[int]] = {}
+
+    def __call__(self, event: dict[str, Any], subject: str, deliveries: int) -> None:
+        self.runs.setdefault(event["event_id"], []).append(deliveries)
+        handlers.record_effect(event, subject, deliveries)
+        if event["payload"].get("poison"):
+            raise ValueError("cannot handle this one")
+
+
+def _mid_batch_failure(bridge: Any) -> tuple[list[str], str, list[str]]:
+    """Two good events, one that always fails, two more good ones: one batch of five."""
+    before = publish_incoming(bridge, 2)
+    [poison] = publish_incoming(bridge, 1, payload={"poison": True}, start=100)
+    after = publish_incoming(bridge, 2, start=200)
+    return before, poison, after
+
+
+def _assert_failed_then_dead_lettered(bridge: Any, poison: str, good: list[str]) -> None:
+    assert sorted(effects()) == sorted(good)  # once each; the failing run's write rolled back
+    rows = {row.event_id: row for row in InboxEvent.objects.filter(consumer=DURABLE)}
+    assert {rows[event_id].status for event_id in good} == {"processed"}
+    assert {rows[event_id].deliveries for event_id in good} == {1}
+    assert (rows[poison].status, rows[poison].deliveries) == ("failed", 3)
+    assert rows[poison].last_error == "ValueError: cannot handle this one"
+    [letter] = dead_letters(bridge)
+    assert letter.headers[dlq.REASON] == dlq.MAX_DELIVER
+    assert letter.headers[dlq.EVENT_ID] == poison
+
+
+def test_consume__failing_handler_redoes_the_batch_with_savepoints_by_default(
+    bridge: Any,
+) -> None:
+    assert bridge.handler_savepoints == "on_failure"
+    before, poison, after = _mid_batch_failure(bridge)
+    handler = CountingHandler()
+    stats = consume(handler, batch_size=5)
+    # The first pass ran the two handlers before the failing one, then rolled back; the redo
+    # ran them again and the rest once, and recorded the failure without running it again.
+    assert {event_id: handler.runs[event_id] for event_id in before} == {
+        event_id: [1, 1] for event_id in before
+    }
+    assert {event_id: handler.runs[event_id] for event_id in after} == {
+        event_id: [1] for event_id in after
+    }
+    assert handler.runs[poison] == [1, 2, 3]  # once per delivery: retried, then dead-lettered
+    assert (stats.processed, stats.retried, stats.dead_lettered) == (4, 2, 1)
+    assert stats.redone == 3  # the batch of five, then each lone redelivery
+    _assert_failed_then_dead_lettered(bridge, poison, before + after)
+
+
+def test_consume__always_savepoints_runs_every_handler_once_per_delivery(
+    bridge: Any, settings: Any
+) -> None:
+    settings.JETSTREAM_BRIDGE = {**settings.JETSTREAM_BRIDGE, "HANDLER_SAVEPOINTS": "always"}
+    before, poison, after = _mid_batch_failure(bridge)
+    handler = CountingHandler()
+    stats = consume(handler, batch_size=5)
+    assert {event_id: handler.runs[event_id] for event_id in before + after} == {
+        event_id: [1] for event_id in before + after
+    }
+    assert handler.runs[poison] == [1, 2, 3]
+    assert (stats.processed, stats.retried, stats.dead_lettered, stats.redone) == (4, 2, 1, 0)
+    _assert_failed_then_dead_lettered(bridge, poison, before + after)
+
+
+def test_consume__reject_and_malformed_in_a_batch_leave_the_others_applied_once(
+    bridge: Any,
+) -> None:
+    good = publish_incoming(bridge, 2)
+    publish_raw(bridge, b"not json at all")
+    [rejected] = publish_incoming(bridge, 1, payload={"reject": True}, start=100)
+    more = publish_incoming(bridge, 2, start=200)
+    stats = consume(handlers.rejects, batch_size=10)
+    assert sorted(effects()) == sorted(good + more)
+    assert (stats.processed, stats.dead_lettered) == (4, 2)
+    assert stats.redone == 1  # the rejection; the malformed message needs no handler
+    reasons = sorted(letter.headers[dlq.REASON] for letter in dead_letters(bridge))
+    assert reasons == sorted([dlq.MALFORMED, dlq.REJECTED])
+    assert InboxEvent.objects.get(event_id=rejected).status == "failed"
+    assert InboxEvent.objects.filter(status="processed").count() == 4
+
+
+@pytest.mark.parametrize("how", ["orm", "sql"])
+def test_consume__handler_catching_its_own_database_error_does_not_fail_the_others(
+    bridge: Any, how: str
+) -> None:
+    # Without a savepoint of its own, a caught error leaves a PostgreSQL transaction aborted
+    # (and the ORM marks Django's transaction for rollback): the next handler would fail for
+    # it. Only that handler's message may fail; the others are applied once.
+    taken = Effect.objects.create(event_id="taken", consumer="attempt")
+    first = publish_incoming(bridge, 1)
+    [swallows] = publish_incoming(bridge, 1, payload={"swallow": True}, start=100)
+    last = publish_incoming(bridge, 1, start=200)
+    runs: dict[str, list[int]] = {}
+
+    def handler(event: dict[str, Any], subject: str, deliveries: int) -> None:
+        runs.setdefault(event["event_id"], []).append(deliveries)
+        if event["payload"].get("swallow"):
+            handlers.record_effect(event, subject, deliveries)  # must not survive a failure
+            try:
+                if how == "orm":
+                    Effect(pk=taken.pk, event_id="again").save(force_insert=True)
+                else:
+                    with connection.cursor() as cursor:
+                        cursor.execute("SELECT * FROM jsb_no_such_table")
+            except DatabaseError:
+                return  # no further query in this (possibly aborted) state
+        handlers.record_effect(event, subject, deliveries)
+
+    stats = consume(handler, batch_size=3)
+    assert runs[first[0]] == [1, 1]  # run again in the redo
+    assert runs[last[0]] == [1]
+    rows = {row.event_id: row for row in InboxEvent.objects.filter(consumer=DURABLE)}
+    assert (rows[first[0]].status, rows[first[0]].deliveries) == ("processed", 1)
+    assert (rows[last[0]].status, rows[last[0]].deliveries) == ("processed", 1)
+    if how == "orm":
+        # Django marked the transaction for rollback: its writes cannot commit, so the handler
+        # failed (in either mode), is retried and dead-lettered. Not run again in a redo.
+        assert runs[swallows] == [1, 2, 3]
+        assert sorted(effects()) == sorted(first + last)
+        assert (rows[swallows].status, rows[swallows].deliveries) == ("failed", 3)
+        assert "marked for rollback" in (rows[swallows].last_error or "")
+        assert (stats.processed, stats.dead_lettered, stats.redone) == (2, 1, 3)
+    elif connection.vendor == "postgresql":
+        # It returned normally, so it runs again in the redo, in its own savepoint, which
+        # cannot be released in that state ("always" does the same): retried, dead-lettered.
+        # On later deliveries its failed inbox row exists, and updating that row right after
+        # the handler fails in the aborted transaction: a failure of its own, not run again.
+        assert runs[swallows] == [1, 1, 2, 3]
+        assert sorted(effects()) == sorted(first + last)
+        assert (rows[swallows].status, rows[swallows].deliveries) == ("failed", 3)
+        assert (stats.processed, stats.dead_lettered, stats.redone) == (2, 1, 3)
+    else:
+        # Only the statement failed; the transaction went on. Any failed query in a batch
+        # without savepoints makes the consumer redo it with them, to be sure.
+        assert runs[swallows] == [1, 1]
+        assert sorted(effects()) == sorted([*first, swallows, *last])
+        assert (rows[swallows].status, rows[swallows].deliveries) == ("processed", 1)
+        assert (stats.processed, stats.redone) == (3, 1)
+
+
+def test_consume__error_caught_inside_the_handlers_own_savepoint_is_harmless(
+    bridge: Any,
+) -> None:
+    taken = Effect.objects.create(event_id="taken", consumer="attempt")
+    ids = publish_incoming(bridge, 3)
+    runs: dict[str, int] = {}
+
+    def handler(event: dict[str, Any], subject: str, deliveries: int) -> None:
+        runs[event["event_id"]] = runs.get(event["event_id"], 0) + 1
+        try:
+            with transaction.atomic():
+                Effect(pk=taken.pk, event_id="again", consumer="attempt").save(force_insert=True)
+        except IntegrityError:
+            pass
+        handlers.record_effect(event, subject, deliveries)
+
+    stats = consume(handler, batch_size=3)
+    assert sorted(effects()) == sorted(ids)
+    assert stats.processed == 3
+    assert InboxEvent.objects.filter(status="processed").count() == 3
+    if connection.vendor == "postgresql":
+        # PostgreSQL says exactly whether the transaction is still good: no redo.
+        assert (stats.redone, set(runs.values())) == (0, {1})
+    else:
+        # Elsewhere any failed query counts (a MySQL deadlock ends the transaction).
+        assert stats.redone == 1
+        assert runs == {ids[0]: 2, ids[1]: 1, ids[2]: 1}
+
+
+def test_consume__inbox_keeps_the_envelope_as_received(bridge: Any) -> None:
+    envelope = build_envelope(
+        producer="beta",
+        resource_type="order",
+        event_type="created",
+        payload={"id": 7, "note": "café ✓", "lines": [{"sku": "a", "qty": 2}], "none": None},
+    )
+    publish_raw(bridge, json.dumps(envelope, indent=2).encode())
+    consume(handlers.record_effect)
+    row = InboxEvent.objects.get()
+    assert row.payload == envelope
+    assert row.headers == {}
+    assert (row.event_type, row.resource_type, row.consumer) == ("created", "order", DURABLE)
+    assert row.created_at is not None
+    assert row.updated_at is not None
+    assert row.received_at is not None
+    assert row.processed_at is not None
 
 
 def _start_consumer(env: dict[str, str], *extra: str) -> subprocess.Popen[str]:
