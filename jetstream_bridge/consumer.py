@@ -369,11 +369,11 @@ class Consumer:
         close_old_connections()
         savepoints = self.config.handler_savepoints == "always"
         defer = True
-        failed: dict[int, Exception] = {}
+        runs = _Runs()
         while True:
             try:
                 return self._process_deliveries(
-                    deliveries, savepoints=savepoints, defer=defer, failed=failed
+                    deliveries, savepoints=savepoints, defer=defer, runs=runs
                 )
             except _RedoWithSavepoints as redo:
                 # The batch ran without a savepoint per message and one handler failed (or
@@ -381,7 +381,7 @@ class Consumer:
                 # a savepoint per message; the failed handler is not run again, its failure
                 # is recorded from this exception.
                 if redo.error is not None:
-                    failed[redo.index] = redo.error
+                    runs.failed[redo.index] = redo.error
                 savepoints = True
                 self.stats.redone += 1
                 logger.info(
@@ -414,15 +414,14 @@ class Consumer:
         *,
         savepoints: bool = True,
         defer: bool = True,
-        failed: dict[int, Exception] | None = None,
+        runs: _Runs | None = None,
     ) -> list[Outcome]:
         """Handle deliveries in one transaction and decide each; settle nothing.
 
         Without ``savepoints`` a failing handler raises ``_RedoWithSavepoints`` (rolling the
-        whole transaction back). ``failed`` maps the index of a delivery whose handler already
-        failed in such a pass to its exception: that handler is not run again.
+        whole transaction back). ``runs`` says what earlier passes over the batch did.
         """
-        failed = failed or {}
+        runs = runs or _Runs()
         decoded: list[tuple[Delivery, dict[str, Any] | None, Exception | None]] = []
         for delivery in deliveries:
             try:
@@ -454,8 +453,8 @@ class Consumer:
                         seen,
                         savepoint=savepoints,
                         defer=defer,
-                        failed=failed.get(index),
                         index=index,
+                        runs=runs,
                     )
                 )
                 if event is not None and inbox is not None and outcomes[-1].verdict is Verdict.ACK:
@@ -531,8 +530,8 @@ class Consumer:
         *,
         savepoint: bool = True,
         defer: bool = True,
-        failed: Exception | None = None,
         index: int = 0,
+        runs: _Runs | None = None,
     ) -> Outcome:
         if seen is not None and seen.status == InboxStatus.PROCESSED:
             return Outcome(delivery, Verdict.ACK, duplicate=True)
@@ -545,10 +544,14 @@ class Consumer:
                 f"no handler registered for {event['resource_type']}/{event['event_type']}"
             )
             return self._fail(inbox, delivery, event, missing, seen, reason=dlq.NO_HANDLER)
-        if failed is not None:
+        runs = runs or _Runs()
+        if index in runs.failed:
             # It failed in this batch's first pass, which was rolled back: record that.
-            return self._handler_failed(inbox, delivery, event, failed, seen)
-        fn = metrics.timed(fn, self.durable)
+            return self._handler_failed(inbox, delivery, event, runs.failed[index], seen)
+        if index not in runs.timed:
+            # One duration per message and batch: a rerun in a redo is not observed again.
+            runs.timed.add(index)
+            fn = metrics.timed(fn, self.durable)
         if not savepoint:
             return self._run_unprotected(fn, inbox, delivery, event, seen, defer, index)
         deferred = inbox.deferred() if inbox is not None else 0
@@ -716,6 +719,16 @@ class Consumer:
             defer=defer,
             body=delivery.data,
         )
+
+
+@dataclass
+class _Runs:
+    """What earlier passes over the same batch did, by the message's index in the batch."""
+
+    # Handlers that raised in a pass without savepoints (rolled back): not run again.
+    failed: dict[int, Exception] = field(default_factory=dict)
+    # Handlers whose duration the metrics have observed.
+    timed: set[int] = field(default_factory=set)
 
 
 class _RedoWithSavepoints(Exception):
