@@ -158,7 +158,7 @@ def _claimed_rows(
     for row in rows:
         pk, event_id, subject, body = row[:4]
         headers = row[4] if has_headers else None
-        merged = {str(k): str(v) for k, v in (headers or {}).items()}
+        merged = {str(k): str(v) for k, v in headers.items()} if headers else {}
         merged[MSG_ID_HEADER] = event_id
         tries = int(row[-1]) + (0 if counted else 1) if has_attempts else 1
         claimed.append(ClaimedRow(pk, event_id, subject, body.encode("utf-8"), merged, tries))
