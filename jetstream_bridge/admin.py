@@ -395,18 +395,21 @@ class OutboxEventAdmin(EventAdmin):
     def _publish_due(self, using: str) -> str | None:
         """Drain what is due with the relay's code path; return an error to show, if any."""
         config = replace(get_config(), outbox_model=self.model._meta.label)
-        relay = Relay(config=config, using=using)
+        # One worker: the request's own thread and database connection, no thread pool.
+        relay = Relay(config=config, using=using, workers=1)
         deadline = threading.Timer(self.publish_time_limit, relay.stop.set)
         deadline.daemon = True
         deadline.start()
         try:
             relay.drain()
         except Exception as exc:
-            # Rows this relay claimed stay leased until the lease ends; then a relay resends.
+            # A batch in hand rolls back (row locks) or stays leased until the lease ends
+            # (SQLite); either way a relay sends it later.
             logger.warning("publishing from the admin failed: %s", exc, exc_info=True)
             return f"{type(exc).__name__}: {scrub(str(exc))}"
         finally:
             deadline.cancel()
+            relay.close()
         return None
 
     # -- status page -------------------------------------------------------------------------

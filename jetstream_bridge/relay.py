@@ -141,7 +141,11 @@ def _results(future: concurrent.futures.Future[Results], rows: list[outbox.Claim
 
 
 class Relay:
-    """Drain the outbox to JetStream. ``run()`` loops; ``drain()`` empties what is due."""
+    """Drain the outbox to JetStream. ``run()`` loops; ``drain()`` empties what is due.
+
+    With ``workers`` > 1 (``jetstream_relay`` uses 2), ``drain()`` starts threads that live
+    until ``close()``; ``run()`` closes them itself.
+    """
 
     def __init__(
         self,
@@ -149,7 +153,7 @@ class Relay:
         using: str | None = None,
         batch_size: int | None = None,
         max_in_flight: int = 256,
-        workers: int = 2,
+        workers: int = 1,
         config: BridgeConfig | None = None,
     ) -> None:
         self.config = config or get_config()
