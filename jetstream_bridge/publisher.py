@@ -185,6 +185,7 @@ class Publisher:
             envelope=prepared.envelope,
             headers={k: v for k, v in prepared.headers.items() if k != MSG_ID_HEADER},
             explicit_id=prepared.explicit_id,
+            encoded=prepared.data.decode(),  # the bytes the fast path publishes, stored as is
         )
         if not created:
             logger.info("event already in the outbox", extra=_log_fields(prepared))
