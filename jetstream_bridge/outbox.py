@@ -119,9 +119,9 @@ def insert_row(model: type[models.Model], alias: str, values: dict[str, Any]) ->
     ``RawJson`` text for a JSON field, which is bound as it is.
     """
     connection = connections[alias]
-    sql, fields, returning = _insert_statement(model, alias, tuple(sorted(values)))
+    sql, fields, plain, returning = _insert_statement(model, alias, tuple(sorted(values)))
     now = timezone.now()
-    params = []
+    params: list[Any] = []
     for field in fields:
         if field.name in values:
             value = values[field.name]
@@ -131,6 +131,8 @@ def insert_row(model: type[models.Model], alias: str, values: dict[str, Any]) ->
             value = field.get_default()
         if isinstance(value, RawJson):
             params.append(str(value))
+        elif value is None or (type(value) is str and field.name in plain):
+            params.append(value)  # what get_db_prep_save would return, without its cost
         else:
             params.append(field.get_db_prep_save(value, connection))
     with connection.cursor() as cursor:
@@ -145,8 +147,9 @@ def insert_row(model: type[models.Model], alias: str, values: dict[str, Any]) ->
 @functools.lru_cache(maxsize=64)
 def _insert_statement(
     model: type[models.Model], alias: str, supplied: tuple[str, ...]
-) -> tuple[str, list[models.Field[Any, Any]], bool]:
-    """The INSERT for ``model`` on ``alias`` (built once), its fields and whether it returns."""
+) -> tuple[str, list[models.Field[Any, Any]], frozenset[str], bool]:
+    """The INSERT for ``model`` on ``alias`` (built once): SQL, fields, the names of plain text
+    fields (a ``str`` goes to the database as it is) and whether it returns the key."""
     connection = connections[alias]
     quote = connection.ops.quote_name
     pk = model._meta.pk
@@ -169,7 +172,12 @@ def _insert_statement(
     sql = f"INSERT INTO {table} ({columns}) VALUES ({', '.join(placeholders)})"  # noqa: S608
     if returning:
         sql += f" RETURNING {quote(_column(model, pk.name))}"
-    return sql, fields, returning
+    plain = frozenset(
+        field.name
+        for field in fields
+        if type(field) in (models.CharField, models.TextField) and not field.choices
+    )
+    return sql, fields, plain, returning
 
 
 class LeaseFieldsMissing(ConfigurationError):
