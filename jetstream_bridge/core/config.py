@@ -183,7 +183,7 @@ KNOWN_KEYS: dict[str, str] = {
     "TLS_CERT_FILE": "client certificate",
     "TLS_KEY_FILE": "client key",
     "RELAY_BATCH_SIZE": "rows a relay claims at once",
-    "RELAY_LEASE": "how long a claimed row belongs to one relay",
+    "RELAY_LEASE": "the longest a relay may hold a batch (row locks or a lease)",
     "RELAY_POLL_INTERVAL": "how often the relay polls when nothing wakes it",
     "RELAY_RETRY_BACKOFF": "delays before re-sending a row that failed",
     "OUTBOX_ORDERING": "publish a resource's events strictly in creation order",
