@@ -512,7 +512,8 @@ def breakdown(report: Report) -> str:
     if len(consumer) > 2:
         lines += [*consumer, ""]
     relay = [
-        "| Relay run (per worker thread) | claim (lock or lease rows) | record (mark sent) | rest (publish and acks, Python) |",
+        "| Relay run (per worker thread) | claim (lock or lease rows) | record (mark sent) "
+        "| rest (publish and acks, Python) |",
         "| --- | ---: | ---: | ---: |",
     ]
     for relays in (1, 3):

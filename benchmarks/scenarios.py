@@ -528,9 +528,7 @@ def _relay_process(barrier: Any, results: Any, workers: int) -> None:
     out = io.StringIO()
     call_command("jetstream_relay", "--once", "--workers", str(workers), stdout=out)
     ended = time.monotonic()
-    share = {
-        label: spent / (ended - started) / workers for label, spent in timer.spent.items()
-    }
+    share = {label: spent / (ended - started) / workers for label, spent in timer.spent.items()}
     results.put((started, ended, out.getvalue().strip(), share))
 
 
@@ -548,7 +546,8 @@ def relay(count: int, relays: int, workers: int = 2) -> dict[str, Any]:
     barrier = context.Barrier(relays + 1)
     results = context.Queue()
     processes = [
-        context.Process(target=_relay_process, args=(barrier, results, workers)) for _ in range(relays)
+        context.Process(target=_relay_process, args=(barrier, results, workers))
+        for _ in range(relays)
     ]
     for process in processes:
         process.start()

@@ -219,16 +219,31 @@ def _due_rows(
         ).exclude(status=OutboxStatus.SENT)
         # Events without a resource id have nothing to be ordered against.
         queryset = queryset.filter(models.Q(resource_id="") | ~Exists(older_unsent))
+    return _readable(queryset, names)
+
+
+def _readable(queryset: models.QuerySet[Any], names: frozenset[str]) -> models.QuerySet[Any]:
+    """Rows in key order with what ``_row_columns`` reads.
+
+    Text, not decoded JSON: the body is published as it is, and the headers (almost always
+    "{}") are decoded only when there are some (``_claimed_rows``).
+    """
     ordered: models.QuerySet[Any] = queryset.order_by("pk").annotate(
         body=Cast("payload", TextField())
     )
+    if "headers" in names:
+        ordered = ordered.annotate(headers_text=Cast("headers", TextField()))
     return ordered
 
 
 def _row_columns(names: frozenset[str]) -> tuple[str, ...]:
-    """What a relay reads of a row; ``headers`` and ``attempts`` only where the model has them."""
-    optional = tuple(name for name in ("headers", "attempts") if name in names)
-    return ("pk", "event_id", "subject", "body", *optional)
+    """What a relay reads of a row; headers and attempts only where the model has them."""
+    columns = ["pk", "event_id", "subject", "body"]
+    if "headers" in names:
+        columns.append("headers_text")  # see _readable
+    if "attempts" in names:
+        columns.append("attempts")
+    return tuple(columns)
 
 
 def _claimed_rows(
@@ -242,7 +257,8 @@ def _claimed_rows(
     claimed = []
     for row in rows:
         pk, event_id, subject, body = row[:4]
-        headers = row[4] if has_headers else None
+        text = row[4] if has_headers else None
+        headers = json.loads(text) if text and text != "{}" else None
         merged = {str(k): str(v) for k, v in headers.items()} if headers else {}
         merged[MSG_ID_HEADER] = event_id
         tries = int(row[-1]) + (0 if counted else 1) if has_attempts else 1
@@ -348,12 +364,7 @@ def claim_batch(
             picked = queryset.values("pk")[:limit]
             if not manager.filter(pk__in=picked).update(**update):
                 return token, []
-            rows = list(
-                manager.filter(locked_by=token)
-                .order_by("pk")
-                .annotate(body=Cast("payload", TextField()))
-                .values_list(*columns)
-            )
+            rows = list(_readable(manager.filter(locked_by=token), names).values_list(*columns))
             return token, _claimed_rows(rows, names, counted=True)
         rows = list(queryset.select_for_update(**lock).values_list(*columns)[:limit])
         if not rows:
@@ -495,8 +506,9 @@ def _mark_sent_postgresql(
         f"FROM unnest(%s::{pk_type}[], %s::bigint[]) AS v(pk, seq) "
         f"WHERE t.{pk_column} = v.pk AND {fence}"
     )
-    keys = [pk for pk, _ in pairs]
-    seqs = [seq for _, seq in pairs]
+    # Array literals as text: psycopg's list adaptation ran in Python, ~1 ms per 500 keys.
+    keys = "{" + ",".join(str(pk) for pk, _ in pairs) + "}"
+    seqs = "{" + ",".join("NULL" if seq is None else str(int(seq)) for _, seq in pairs) + "}"
     with connection.cursor() as cursor:
         cursor.execute(sql, [*params, keys, seqs, *fence_params])
         return int(cursor.rowcount)
