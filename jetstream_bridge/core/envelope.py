@@ -163,6 +163,11 @@ def decode(data: bytes) -> Envelope:
         raise MalformedEnvelope("event_id contains control characters")
     if not isinstance(value["payload"], dict):
         raise MalformedEnvelope("payload must be a JSON object")
-    if _depth(value["payload"], MAX_DEPTH) > MAX_DEPTH:
+    # Each level of nesting opens a bracket, so a body with fewer brackets than the limit
+    # cannot exceed it: counting bytes in C spares walking every payload (~5% of a consumer
+    # batch's time in benchmarks/).
+    if data.count(b"{") + data.count(b"[") > MAX_DEPTH and (
+        _depth(value["payload"], MAX_DEPTH) > MAX_DEPTH
+    ):
         raise MalformedEnvelope(f"payload is nested deeper than {MAX_DEPTH} levels")
     return value
