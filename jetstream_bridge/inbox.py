@@ -6,16 +6,16 @@ commit (or roll back) together.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from django.apps import apps
-from django.db import IntegrityError, connections, models
-from django.db.models.fields import NOT_PROVIDED
+from django.db import IntegrityError, models
 from django.utils import timezone
 
 from .core.config import BridgeConfig
+from .inserts import RawJson, insert_rows
 from .models import InboxStatus, field_names, only_fields
 
 
@@ -167,106 +167,8 @@ class Inbox:
             self._insert(rows)
 
     def _insert(self, rows: list[dict[str, Any]]) -> None:
-        """INSERT ``rows`` (field name -> value) with one parameterised statement per chunk.
-
-        Not ``bulk_create``: on PostgreSQL it sends the rows as one array per column
-        (``INSERT ... SELECT * FROM UNNEST(...)``), and dumping those arrays in psycopg's Python
-        code cost more than the database's work on them. Fields a row leaves out get what the
-        ORM would give them (``auto_now``/``auto_now_add`` now, else the field's default); no
-        model signals are sent, as with ``bulk_create``. A unique-key conflict raises
-        ``IntegrityError``.
-        """
-        connection = connections[self.manager.db]
-        statement = _statement(self.model, connection.alias, frozenset(rows[0]))
-        now = timezone.now()
-        fixed: list[Any] = []  # per column: a value prepared once, or _PER_ROW
-        for field in statement.fields:
-            if field.name in rows[0]:
-                fixed.append(_PER_ROW)
-            elif getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False):
-                stamp = now if isinstance(field, models.DateTimeField) else now.date()
-                fixed.append(field.get_db_prep_save(stamp, connection))
-            elif field.has_default() and callable(field.default):
-                fixed.append(_PER_ROW)  # a uuid4 primary key, say: one value per row
-            else:
-                fixed.append(field.get_db_prep_save(field.get_default(), connection))
-        vendor = connection.vendor
-        values: list[list[Any]] = []
-        for row in rows:
-            prepared = []
-            for field, value in zip(statement.fields, fixed, strict=True):
-                if value is _PER_ROW:
-                    value = row[field.name] if field.name in row else field.get_default()
-                    if isinstance(value, RawJson):
-                        value = value.param(vendor)
-                    else:
-                        value = field.get_db_prep_save(value, connection)
-                prepared.append(value)
-            values.append(prepared)
-        width = len(statement.fields)
-        limit = connection.features.max_query_params or 65535
-        per_statement = max(1, limit // width)
-        with connection.cursor() as cursor:
-            quote = _literal_quoter(connection)
-            if quote is not None:
-                # psycopg 3: quote the values here, as its client-side binding (Django's
-                # default) would, and send the statement without parameters. With parameters
-                # psycopg re-parses the whole statement, placeholder by placeholder, on every
-                # call (it caches only statements of up to 50 parameters): most of the INSERT's
-                # time for a batch of 100 rows.
-                once = {id(value): quote(value) for value in fixed if value is not _PER_ROW}
-                sql = statement.head.encode(connection.connection.info.encoding) + b", ".join(
-                    b"("
-                    + b", ".join(
-                        once[id(value)] if id(value) in once else quote(value) for value in row
-                    )
-                    + b")"
-                    for row in values
-                )
-                cursor.execute(sql)
-                return
-            for start in range(0, len(values), per_statement):
-                chunk = values[start : start + per_statement]
-                cursor.execute(
-                    statement.head + ", ".join([statement.row] * len(chunk)),
-                    [value for row in chunk for value in row],
-                )
-
-
-def _literal_quoter(connection: Any) -> Callable[[Any], bytes] | None:
-    """psycopg 3's quoting of a value as an SQL literal on this connection, else None."""
-    if connection.vendor != "postgresql":
-        return None
-    try:
-        from psycopg import Connection
-        from psycopg.adapt import Transformer
-    except ImportError:  # psycopg2
-        return None
-    raw = connection.connection
-    if not isinstance(raw, Connection):
-        return None
-    quote: Callable[[Any], bytes] = Transformer.from_context(raw).as_literal
-    return quote
-
-
-class RawJson:
-    """JSON text stored as is in a JSON column: the message body, already valid JSON."""
-
-    __slots__ = ("text",)
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def param(self, vendor: str) -> Any:
-        if vendor == "postgresql":
-            from django.db.backends.postgresql.psycopg_any import Jsonb
-
-            return Jsonb(self.text, dumps=_as_is)
-        return self.text  # SQLite and MySQL/MariaDB store JSON columns as text
-
-
-def _as_is(text: str) -> str:
-    return text
+        """One INSERT for ``rows``; a unique-key conflict raises ``IntegrityError``."""
+        insert_rows(self.model, self.manager.db, rows)
 
 
 def _received_json(body: bytes) -> RawJson | None:
@@ -279,50 +181,3 @@ def _received_json(body: bytes) -> RawJson | None:
     if text.startswith("\ufeff"):
         return None
     return RawJson(text)
-
-
-_PER_ROW = object()
-
-
-@dataclass(frozen=True)
-class _Statement:
-    fields: tuple[models.Field[Any, Any], ...]
-    head: str  # INSERT INTO table (columns) VALUES
-    row: str  # (%s, %s, ...)
-
-
-_statements: dict[tuple[type[models.Model], str, frozenset[str]], _Statement] = {}
-
-
-def _statement(model: type[models.Model], alias: str, given: frozenset[str]) -> _Statement:
-    """The INSERT for ``model`` on ``alias`` when rows give the fields named in ``given``."""
-    key = (model, alias, given)
-    statement = _statements.get(key)
-    if statement is None:
-        quote = connections[alias].ops.quote_name
-        fields = tuple(
-            field
-            for field in model._meta.concrete_fields
-            if not getattr(field, "generated", False)
-            and (
-                field.name in given
-                or not (
-                    # the database fills these: an auto-increment key, a db_default
-                    (field.primary_key and getattr(field, "db_returning", False))
-                    or _has_db_default(field)
-                )
-            )
-        )
-        # Only quoted names from the model go into the SQL; every value is a parameter.
-        columns = ", ".join(quote(field.column or field.name) for field in fields)
-        statement = _Statement(
-            fields=fields,
-            head=f"INSERT INTO {quote(model._meta.db_table)} ({columns}) VALUES ",  # noqa: S608
-            row="(" + ", ".join(["%s"] * len(fields)) + ")",
-        )
-        _statements[key] = statement
-    return statement
-
-
-def _has_db_default(field: models.Field[Any, Any]) -> bool:
-    return getattr(field, "db_default", NOT_PROVIDED) is not NOT_PROVIDED

@@ -6,7 +6,6 @@ threads, never from the event loop.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import uuid
@@ -25,6 +24,7 @@ from django.utils import timezone
 from .core.config import BridgeConfig, Problem
 from .core.envelope import MSG_ID_HEADER
 from .exceptions import ConfigurationError
+from .inserts import RawJson, insert_rows
 from .models import OutboxStatus, field_names, only_fields
 
 logger = logging.getLogger(__name__)
@@ -66,10 +66,8 @@ def write_event(
     repeat: then the insert runs in a savepoint and a duplicate is reported, not raised.
     ``encoded`` is the envelope's JSON when the caller has it already (it is stored as is).
 
-    The row is written with one parameterised INSERT, not ``Model.objects.create()``: the ORM
-    took 0.68 ms of the 1 ms a ``publish()`` may add to a request's transaction, the INSERT
-    0.29 ms (docs/benchmarks.md). So a custom outbox model's ``save()`` and ``pre_save`` /
-    ``post_save`` signals do not run for it; field defaults do.
+    The row is written with one plain INSERT (``inserts.py``), not ``Model.objects.create()``:
+    a custom outbox model's field defaults apply, its ``save()`` and model signals do not run.
     """
     model = outbox_model(config)
     alias = using or router.db_for_write(model)
@@ -79,7 +77,7 @@ def write_event(
             "event_id": event_id,
             "subject": subject,
             "payload": RawJson(encoded if encoded is not None else json.dumps(envelope)),
-            "headers": RawJson(json.dumps(headers)),
+            "headers": headers,
             "resource_type": envelope.get("resource_type") or "",
             "resource_id": envelope.get("resource_id") or "",
             "event_type": envelope.get("event_type") or "",
@@ -93,91 +91,16 @@ def write_event(
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_notify(%s, '')", [NOTIFY_CHANNEL])
     if not explicit_id:
-        return insert_row(model, alias, values), True
+        return insert_rows(model, alias, [values], returning=True)[0], True
     try:
         with transaction.atomic(using=alias):
-            return insert_row(model, alias, values), True
+            return insert_rows(model, alias, [values], returning=True)[0], True
     except IntegrityError:
         manager = model._default_manager.db_manager(alias)
         existing = manager.filter(event_id=event_id).values_list("pk", flat=True).first()
         if existing is None:
             raise
         return existing, False
-
-
-class RawJson(str):
-    """JSON text for a JSON field, stored as it is instead of encoded again."""
-
-    __slots__ = ()
-
-
-def insert_row(model: type[models.Model], alias: str, values: dict[str, Any]) -> Any:
-    """INSERT one row of ``model`` with ``values`` (field name -> value); return its key.
-
-    Fields not in ``values`` get their defaults as the ORM would give them (``default``,
-    ``auto_now``/``auto_now_add``); values go through the field's ``get_db_prep_save``, except
-    ``RawJson`` text for a JSON field, which is bound as it is.
-    """
-    connection = connections[alias]
-    sql, fields, plain, returning = _insert_statement(model, alias, tuple(sorted(values)))
-    now = timezone.now()
-    params: list[Any] = []
-    for field in fields:
-        if field.name in values:
-            value = values[field.name]
-        elif getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False):
-            value = now
-        else:
-            value = field.get_default()
-        if isinstance(value, RawJson):
-            params.append(str(value))
-        elif value is None or (type(value) is str and field.name in plain):
-            params.append(value)  # what get_db_prep_save would return, without its cost
-        else:
-            params.append(field.get_db_prep_save(value, connection))
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        if returning:
-            row = cursor.fetchone()
-            return row[0]
-        pk = model._meta.pk
-        return connection.ops.last_insert_id(cursor, model._meta.db_table, _column(model, pk.name))
-
-
-@functools.lru_cache(maxsize=64)
-def _insert_statement(
-    model: type[models.Model], alias: str, supplied: tuple[str, ...]
-) -> tuple[str, list[models.Field[Any, Any]], frozenset[str], bool]:
-    """The INSERT for ``model`` on ``alias`` (built once): SQL, fields, the names of plain text
-    fields (a ``str`` goes to the database as it is) and whether it returns the key."""
-    connection = connections[alias]
-    quote = connection.ops.quote_name
-    pk = model._meta.pk
-    fields = [
-        field
-        for field in model._meta.concrete_fields
-        if not (field is pk and field.name not in supplied and field.db_returning)
-    ]
-    placeholders = []
-    for field in fields:
-        if field.name in supplied and isinstance(field, models.JSONField):
-            # RawJson text: PostgreSQL's jsonb needs the cast; elsewhere JSON columns are text.
-            placeholders.append("%s::jsonb" if connection.vendor == "postgresql" else "%s")
-        else:
-            placeholders.append("%s")
-    columns = ", ".join(quote(_column(model, field.name)) for field in fields)
-    table = quote(model._meta.db_table)
-    returning = bool(connection.features.can_return_columns_from_insert)
-    # Only quoted names from the model's own metadata are interpolated; values are parameters.
-    sql = f"INSERT INTO {table} ({columns}) VALUES ({', '.join(placeholders)})"  # noqa: S608
-    if returning:
-        sql += f" RETURNING {quote(_column(model, pk.name))}"
-    plain = frozenset(
-        field.name
-        for field in fields
-        if type(field) in (models.CharField, models.TextField) and not field.choices
-    )
-    return sql, fields, plain, returning
 
 
 class LeaseFieldsMissing(ConfigurationError):

@@ -1,0 +1,210 @@
+"""Plain INSERTs for the outbox and inbox tables.
+
+``Model.objects.create()`` and ``bulk_create()`` cost more Python than the database spends on
+the rows: the ORM took 0.68 ms of the 1 ms a ``publish()`` may add to the caller's transaction
+(one INSERT: ~0.3 ms), and ``bulk_create`` on PostgreSQL sends one array per column, whose
+dumping in psycopg's Python code was a third of a consumer batch (docs/benchmarks.md). Here one
+statement is built once per model and set of given fields. Fields a row leaves out get what the
+ORM would give them (``auto_now``/``auto_now_add`` now, else the field's default; the database
+fills an auto-increment key, a ``db_default`` or a generated column). ``save()`` and model
+signals do not run, as with ``bulk_create``. A unique-key conflict raises ``IntegrityError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import connections, models
+from django.db.models.fields import NOT_PROVIDED
+from django.utils import timezone
+
+
+class RawJson:
+    """JSON text for a JSON column, stored as it is instead of being encoded again."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def param(self, vendor: str) -> Any:
+        if vendor == "postgresql":
+            from django.db.backends.postgresql.psycopg_any import Jsonb
+
+            return Jsonb(self.text, dumps=_as_is)
+        return self.text  # SQLite and MySQL/MariaDB store JSON columns as text
+
+
+def _as_is(text: str) -> str:
+    return text
+
+
+def insert_rows(
+    model: type[models.Model],
+    alias: str,
+    rows: Sequence[dict[str, Any]],
+    *,
+    returning: bool = False,
+) -> list[Any]:
+    """INSERT ``rows`` (field name -> value, all naming the same fields) into ``model``'s table.
+
+    With ``returning``, return the new rows' keys in order (one row at a time where the
+    database cannot return them from a multi-row INSERT).
+    """
+    if not rows:
+        return []
+    connection = connections[alias]
+    statement = _statement(model, alias, frozenset(rows[0]))
+    shared, values = _prepared(statement, connection, rows)
+    with connection.cursor() as cursor:
+        if returning:
+            if not statement.returning:
+                keys = []
+                for row in values:
+                    cursor.execute(statement.head + statement.row, row)
+                    pk = statement.pk_column
+                    keys.append(connection.ops.last_insert_id(cursor, statement.table, pk))
+                return keys
+            cursor.execute(
+                statement.head + ", ".join([statement.row] * len(values)) + statement.returning,
+                [value for row in values for value in row],
+            )
+            return [row[0] for row in cursor.fetchall()]
+        quote = _literal_quoter(connection)
+        if quote is not None and len(values) > 1:
+            # psycopg 3: quote the values here, as its client-side binding (Django's default)
+            # would, and send the statement without parameters. With parameters psycopg
+            # re-parses the whole statement, placeholder by placeholder, on every call (it
+            # caches only statements of up to 50 parameters): most of the INSERT's time for a
+            # consumer batch of 100 rows.
+            encoding = connection.connection.info.encoding
+            once = {id(value): quote(value) for value in shared}  # the same in every row
+            lines = [
+                b"(" + b", ".join(once.get(id(v)) or quote(v) for v in row) + b")" for row in values
+            ]
+            cursor.execute(statement.head.encode(encoding) + b", ".join(lines))
+            return []
+        limit = connection.features.max_query_params or 65535
+        per_statement = max(1, limit // len(statement.fields))
+        for start in range(0, len(values), per_statement):
+            chunk = values[start : start + per_statement]
+            cursor.execute(
+                statement.head + ", ".join([statement.row] * len(chunk)),
+                [value for row in chunk for value in row],
+            )
+    return []
+
+
+_PER_ROW = object()
+
+
+def _prepared(
+    statement: _Statement, connection: Any, rows: Sequence[dict[str, Any]]
+) -> tuple[list[Any], list[list[Any]]]:
+    """The values shared by every row, and each row's values in the statement's column order."""
+    now = timezone.now()
+    fixed: list[Any] = []  # per column: a value prepared once for every row, or _PER_ROW
+    for field in statement.fields:
+        if field.name in rows[0]:
+            fixed.append(_PER_ROW)
+        elif getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False):
+            stamp = now if isinstance(field, models.DateTimeField) else now.date()
+            fixed.append(field.get_db_prep_save(stamp, connection))
+        elif field.has_default() and callable(field.default):
+            fixed.append(_PER_ROW)  # a uuid4 primary key, say: one value per row
+        else:
+            fixed.append(field.get_db_prep_save(field.get_default(), connection))
+    vendor = connection.vendor
+    prepared_rows = []
+    for row in rows:
+        prepared = []
+        for field, value in zip(statement.fields, fixed, strict=True):
+            if value is _PER_ROW:
+                value = row[field.name] if field.name in row else field.get_default()
+                if isinstance(value, RawJson):
+                    value = value.param(vendor)
+                elif not (value is None or (type(value) is str and field.name in statement.plain)):
+                    # A str for a plain text field is what get_db_prep_save would return.
+                    value = field.get_db_prep_save(value, connection)
+            prepared.append(value)
+        prepared_rows.append(prepared)
+    return [value for value in fixed if value is not _PER_ROW], prepared_rows
+
+
+def _literal_quoter(connection: Any) -> Callable[[Any], bytes] | None:
+    """psycopg 3's quoting of a value as an SQL literal on this connection, else None."""
+    if connection.vendor != "postgresql":
+        return None
+    try:
+        from psycopg import Connection
+        from psycopg.adapt import Transformer
+    except ImportError:  # psycopg2
+        return None
+    raw = connection.connection
+    if not isinstance(raw, Connection):
+        return None
+    quote: Callable[[Any], bytes] = Transformer.from_context(raw).as_literal
+    return quote
+
+
+@dataclass(frozen=True)
+class _Statement:
+    fields: tuple[models.Field[Any, Any], ...]
+    table: str
+    pk_column: str
+    head: str  # INSERT INTO table (columns) VALUES
+    row: str  # (%s, %s, ...)
+    returning: str  # " RETURNING key" where the database supports it, else ""
+    plain: frozenset[str]  # text fields whose str values go to the database as they are
+
+
+_statements: dict[tuple[type[models.Model], str, frozenset[str]], _Statement] = {}
+
+
+def _statement(model: type[models.Model], alias: str, given: frozenset[str]) -> _Statement:
+    """The INSERT for ``model`` on ``alias`` when rows give the fields named in ``given``."""
+    key = (model, alias, given)
+    statement = _statements.get(key)
+    if statement is None:
+        connection = connections[alias]
+        quote = connection.ops.quote_name
+        fields = tuple(
+            field
+            for field in model._meta.concrete_fields
+            if not getattr(field, "generated", False)
+            and (
+                field.name in given
+                or not (
+                    # the database fills these: an auto-increment key, a db_default
+                    (field.primary_key and getattr(field, "db_returning", False))
+                    or _has_db_default(field)
+                )
+            )
+        )
+        pk = model._meta.pk
+        pk_column = quote(pk.column or pk.name)
+        columns = ", ".join(quote(field.column or field.name) for field in fields)
+        table = quote(model._meta.db_table)
+        can_return = connection.features.can_return_rows_from_bulk_insert
+        statement = _Statement(
+            fields=fields,
+            table=model._meta.db_table,
+            pk_column=pk.column or pk.name,
+            # Only quoted names from the model go into the SQL; every value is a parameter.
+            head=f"INSERT INTO {table} ({columns}) VALUES ",  # noqa: S608
+            row="(" + ", ".join(["%s"] * len(fields)) + ")",
+            returning=f" RETURNING {pk_column}" if can_return else "",
+            plain=frozenset(
+                field.name
+                for field in fields
+                if type(field) in (models.CharField, models.TextField)
+            ),
+        )
+        _statements[key] = statement
+    return statement
+
+
+def _has_db_default(field: models.Field[Any, Any]) -> bool:
+    return getattr(field, "db_default", NOT_PROVIDED) is not NOT_PROVIDED
