@@ -77,7 +77,7 @@ class Delivery:
 
     __slots__ = (
         "_conn",
-        "_reply",
+        "_reply_subject",
         "consumer",
         "data",
         "deliveries",
@@ -90,8 +90,8 @@ class Delivery:
 
     def __init__(self, conn: Connection, msg: NatsMsg) -> None:
         meta = msg.metadata
-        self._conn = conn
-        self._reply: str = msg.reply
+        self._conn: Connection | None = conn
+        self._reply_subject: str = msg.reply
         self.subject: str = msg.subject
         self.data: bytes = msg.data
         self.headers: dict[str, str] = dict(msg.headers or {})
@@ -101,6 +101,40 @@ class Delivery:
         self.deliveries: int = meta.num_delivered
         self.pending: int = meta.num_pending
 
+    @classmethod
+    def stored(
+        cls,
+        *,
+        subject: str,
+        data: bytes,
+        headers: dict[str, str],
+        stream: str,
+        consumer: str,
+        stream_seq: int,
+        deliveries: int,
+    ) -> Delivery:
+        """A delivery rebuilt from a stored inbox row (the admin's re-run).
+
+        No message is in hand, so there is nothing to settle: the ack verbs raise.
+        """
+        delivery = cls.__new__(cls)
+        delivery._conn = None
+        delivery._reply_subject = ""
+        delivery.subject = subject
+        delivery.data = data
+        delivery.headers = headers
+        delivery.stream = stream
+        delivery.consumer = consumer
+        delivery.stream_seq = stream_seq
+        delivery.deliveries = deliveries
+        delivery.pending = 0
+        return delivery
+
+    async def _settle(self, body: bytes) -> None:
+        if self._conn is None:
+            raise RuntimeError("a stored delivery has no message to settle")
+        await self._conn._reply_to(self._reply_subject, body)
+
     def __repr__(self) -> str:
         return (
             f"Delivery(subject={self.subject!r}, stream={self.stream!r}, "
@@ -108,25 +142,25 @@ class Delivery:
         )
 
     async def ack(self) -> None:
-        await self._conn._reply_to(self._reply, b"+ACK")
+        await self._settle(b"+ACK")
 
     async def nak(self, delay: float = 0.0) -> None:
         """Negatively acknowledge; with ``delay`` the server waits that long to redeliver."""
         body = b"-NAK"
         if delay > 0:
             body += b" " + json.dumps({"delay": round(delay * 1e9)}).encode()
-        await self._conn._reply_to(self._reply, body)
+        await self._settle(body)
 
     async def term(self, reason: str = "") -> None:
         """Stop redelivery for good; the reason shows up in the server's advisory."""
         body = b"+TERM"
         if reason:
             body += b" " + reason.replace("\n", " ")[:200].encode()
-        await self._conn._reply_to(self._reply, body)
+        await self._settle(body)
 
     async def in_progress(self) -> None:
         """Reset the server's ack timer for a message whose handler is still running."""
-        await self._conn._reply_to(self._reply, b"+WPI")
+        await self._settle(b"+WPI")
 
 
 @dataclass(frozen=True)

@@ -501,15 +501,15 @@ class Consumer:
         inbox = Inbox(self.config, self.durable, self.using)
         with transaction.atomic(using=self.using):
             row = inbox.manager.select_for_update().get(pk=pk)
-            delivery = Delivery.__new__(Delivery)  # no connection or reply: cannot be settled
-            delivery.subject = row.subject
-            delivery.data = json.dumps(row.payload).encode()
-            delivery.headers = dict(getattr(row, "headers", None) or {})
-            delivery.stream = getattr(row, "stream", None) or ""
-            delivery.consumer = self.durable
-            delivery.stream_seq = getattr(row, "stream_seq", None) or 0
-            delivery.deliveries = getattr(row, "deliveries", None) or 1
-            delivery.pending = 0
+            delivery = Delivery.stored(
+                subject=row.subject,
+                data=json.dumps(row.payload).encode(),
+                headers=dict(getattr(row, "headers", None) or {}),
+                stream=getattr(row, "stream", None) or "",
+                consumer=self.durable,
+                stream_seq=getattr(row, "stream_seq", None) or 0,
+                deliveries=getattr(row, "deliveries", None) or 1,
+            )
             event: dict[str, Any] | None = None
             error: Exception | None = None
             try:
