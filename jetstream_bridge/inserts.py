@@ -12,7 +12,7 @@ signals do not run, as with ``bulk_create``. A unique-key conflict raises ``Inte
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +57,7 @@ def insert_rows(
         return []
     connection = connections[alias]
     statement = _statement(model, alias, frozenset(rows[0]))
-    shared, values = _prepared(statement, connection, rows)
+    values = _prepared(statement, connection, rows)
     with connection.cursor() as cursor:
         if returning:
             if not statement.returning:
@@ -72,19 +72,16 @@ def insert_rows(
                 [value for row in values for value in row],
             )
             return [row[0] for row in cursor.fetchall()]
-        quote = _literal_quoter(connection)
-        if quote is not None and len(values) > 1:
-            # psycopg 3: quote the values here, as its client-side binding (Django's default)
-            # would, and send the statement without parameters. With parameters psycopg
-            # re-parses the whole statement, placeholder by placeholder, on every call (it
-            # caches only statements of up to 50 parameters): most of the INSERT's time for a
-            # consumer batch of 100 rows.
-            encoding = connection.connection.info.encoding
-            once = {id(value): quote(value) for value in shared}  # the same in every row
-            lines = [
-                b"(" + b", ".join(once.get(id(v)) or quote(v) for v in row) + b")" for row in values
-            ]
-            cursor.execute(statement.head.encode(encoding) + b", ".join(lines))
+        raw = _psycopg_cursor(cursor)
+        if raw is not None and len(values) > 1:
+            # psycopg 3: COPY, whose rows psycopg formats in C. A multi-row INSERT with
+            # parameters made psycopg re-parse the whole statement, placeholder by placeholder,
+            # on every call (it caches statements of up to 50 parameters only): most of the
+            # INSERT's time for a consumer batch of 100 rows. COPY fails on a unique-key
+            # conflict as the INSERT does.
+            with connection.wrap_database_errors, raw.copy(statement.copy) as copy:
+                for row in values:
+                    copy.write_row(row)
             return []
         limit = connection.features.max_query_params or 65535
         per_statement = max(1, limit // len(statement.fields))
@@ -102,8 +99,8 @@ _PER_ROW = object()
 
 def _prepared(
     statement: _Statement, connection: Any, rows: Sequence[dict[str, Any]]
-) -> tuple[list[Any], list[list[Any]]]:
-    """The values shared by every row, and each row's values in the statement's column order."""
+) -> list[list[Any]]:
+    """Each row's database values, in the statement's column order."""
     now = timezone.now()
     fixed: list[Any] = []  # per column: a value prepared once for every row, or _PER_ROW
     for field in statement.fields:
@@ -130,23 +127,19 @@ def _prepared(
                     value = field.get_db_prep_save(value, connection)
             prepared.append(value)
         prepared_rows.append(prepared)
-    return [value for value in fixed if value is not _PER_ROW], prepared_rows
+    return prepared_rows
 
 
-def _literal_quoter(connection: Any) -> Callable[[Any], bytes] | None:
-    """psycopg 3's quoting of a value as an SQL literal on this connection, else None."""
-    if connection.vendor != "postgresql":
+def _psycopg_cursor(cursor: Any) -> Any:
+    """The psycopg 3 cursor under Django's cursor wrapper, or None (psycopg2, other databases)."""
+    if cursor.db.vendor != "postgresql":
         return None
     try:
-        from psycopg import Connection
-        from psycopg.adapt import Transformer
+        from psycopg import Cursor
     except ImportError:  # psycopg2
         return None
-    raw = connection.connection
-    if not isinstance(raw, Connection):
-        return None
-    quote: Callable[[Any], bytes] = Transformer.from_context(raw).as_literal
-    return quote
+    raw = cursor.cursor
+    return raw if isinstance(raw, Cursor) else None
 
 
 @dataclass(frozen=True)
@@ -155,6 +148,7 @@ class _Statement:
     table: str
     pk_column: str
     head: str  # INSERT INTO table (columns) VALUES
+    copy: str  # COPY table (columns) FROM STDIN
     row: str  # (%s, %s, ...)
     returning: str  # " RETURNING key" where the database supports it, else ""
     plain: frozenset[str]  # text fields whose str values go to the database as they are
@@ -194,6 +188,7 @@ def _statement(model: type[models.Model], alias: str, given: frozenset[str]) -> 
             pk_column=pk.column or pk.name,
             # Only quoted names from the model go into the SQL; every value is a parameter.
             head=f"INSERT INTO {table} ({columns}) VALUES ",  # noqa: S608
+            copy=f"COPY {table} ({columns}) FROM STDIN",
             row="(" + ", ".join(["%s"] * len(fields)) + ")",
             returning=f" RETURNING {pk_column}" if can_return else "",
             plain=frozenset(
