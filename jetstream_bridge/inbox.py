@@ -6,17 +6,17 @@ commit (or roll back) together.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from django.apps import apps
-from django.db import IntegrityError, models
+from django.db import IntegrityError, connections, models
 from django.utils import timezone
 
 from .core.config import BridgeConfig
-from .inserts import RawJson, insert_rows
 from .models import InboxStatus, field_names, only_fields
+from .sql import RawJson, array_literal, insert_rows
 
 
 def inbox_model(config: BridgeConfig) -> type[models.Model]:
@@ -54,32 +54,74 @@ class Inbox:
         """Return the rows already recorded for these event ids and stream sequences."""
         by_id: dict[str, Seen] = {}
         by_seq: dict[tuple[str, int], Seen] = {}
-        # One query, and sequences as ``stream = s AND stream_seq IN (...)``: an OR of one
-        # (stream, seq) pair per message cost ~1 ms to plan per batch of 25, more than the
-        # batch's inserts together (benchmarks/).
-        query = models.Q()
         columns = ["pk", "status"]
         ids = set(event_ids) if "event_id" in self.names else set()
         if ids:
-            query |= models.Q(event_id__in=ids)
             columns.append("event_id")
         wanted = set(seqs) if {"stream", "stream_seq"} <= self.names else set()
+        by_stream: dict[str, list[int]] = {}
+        for stream, seq in wanted:
+            by_stream.setdefault(stream, []).append(seq)
         if wanted:
-            by_stream: dict[str, list[int]] = {}
-            for stream, seq in wanted:
-                by_stream.setdefault(stream, []).append(seq)
+            columns += ["stream", "stream_seq"]
+        if not ids and not wanted:
+            return by_id, by_seq
+        rows: Iterable[dict[str, Any]]
+        if connections[self.manager.db].vendor == "postgresql":
+            rows = self._seen_postgresql(ids, by_stream, columns)
+        else:
+            # One query, and sequences as ``stream = s AND stream_seq IN (...)``: an OR of one
+            # (stream, seq) pair per message cost ~1 ms to plan per batch of 25, more than the
+            # batch's inserts together (benchmarks/).
+            query = models.Q(event_id__in=ids) if ids else models.Q()
             for stream, numbers in by_stream.items():
                 query |= models.Q(stream=stream, stream_seq__in=numbers)
-            columns += ["stream", "stream_seq"]
-        if not query:
-            return by_id, by_seq
-        for row in self._scoped().filter(query).values(*columns):
+            rows = self._scoped().filter(query).values(*columns)
+        for row in rows:
             seen = Seen(row["pk"], row["status"])
             if row.get("event_id") in ids:
                 by_id[row["event_id"]] = seen
             if (row.get("stream"), row.get("stream_seq")) in wanted:
                 by_seq[(row["stream"], row["stream_seq"])] = seen
         return by_id, by_seq
+
+    def _seen_postgresql(
+        self, ids: set[str], by_stream: dict[str, list[int]], columns: list[str]
+    ) -> list[dict[str, Any]]:
+        """``seen``'s query with arrays for the id and sequence lists (a constant text).
+
+        Through the ORM, each ``IN`` list is a parameter per message: Django compiled and
+        psycopg parsed a new ~200-parameter statement for every batch (~9% of its time).
+        """
+        connection = connections[self.manager.db]
+        quote = connection.ops.quote_name
+
+        def column(name: str) -> str:
+            field = self.model._meta.get_field(name)
+            return quote(getattr(field, "column", None) or name)
+
+        alternatives, params = [], []
+        if ids:
+            alternatives.append(f"{column('event_id')} = ANY(%s::text[])")
+            params.append(array_literal(sorted(ids)))
+        for stream, numbers in by_stream.items():
+            alternatives.append(
+                f"({column('stream')} = %s AND {column('stream_seq')} = ANY(%s::bigint[]))"
+            )
+            params += [stream, array_literal(numbers)]
+        where = f"({' OR '.join(alternatives)})"
+        if "consumer" in self.names:
+            where = f"{column('consumer')} = %s AND {where}"
+            params.insert(0, self.consumer)
+        selected = ", ".join(
+            column(self.model._meta.pk.name if name == "pk" else name) for name in columns
+        )
+        table = quote(self.model._meta.db_table)
+        # Only quoted column and table names are interpolated; every value is a parameter.
+        sql = f"SELECT {selected} FROM {table} WHERE {where}"  # noqa: S608
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
 
     def record(
         self,

@@ -24,8 +24,8 @@ from django.utils import timezone
 from .core.config import BridgeConfig, Problem
 from .core.envelope import MSG_ID_HEADER
 from .exceptions import ConfigurationError
-from .inserts import RawJson, insert_rows
 from .models import OutboxStatus, field_names, only_fields
+from .sql import RawJson, array_literal, insert_rows
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def write_event(
     repeat: then the insert runs in a savepoint and a duplicate is reported, not raised.
     ``encoded`` is the envelope's JSON when the caller has it already (it is stored as is).
 
-    The row is written with one plain INSERT (``inserts.py``), not ``Model.objects.create()``:
+    The row is written with one plain INSERT (``sql.insert_rows``), not ``Model.objects.create()``:
     a custom outbox model's field defaults apply, its ``save()`` and model signals do not run.
     """
     model = outbox_model(config)
@@ -430,8 +430,8 @@ def _mark_sent_postgresql(
         f"WHERE t.{pk_column} = v.pk AND {fence}"
     )
     # Array literals as text: psycopg's list adaptation ran in Python, ~1 ms per 500 keys.
-    keys = "{" + ",".join(str(pk) for pk, _ in pairs) + "}"
-    seqs = "{" + ",".join("NULL" if seq is None else str(int(seq)) for _, seq in pairs) + "}"
+    keys = array_literal(pk for pk, _ in pairs)
+    seqs = array_literal(seq for _, seq in pairs)
     with connection.cursor() as cursor:
         cursor.execute(sql, [*params, keys, seqs, *fence_params])
         return int(cursor.rowcount)

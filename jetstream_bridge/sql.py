@@ -1,18 +1,23 @@
-"""Plain INSERTs for the outbox and inbox tables.
+"""Plain SQL for the bridge's hot paths, where the ORM's Python cost more than the database.
 
 ``Model.objects.create()`` and ``bulk_create()`` cost more Python than the database spends on
 the rows: the ORM took 0.68 ms of the 1 ms a ``publish()`` may add to the caller's transaction
 (one INSERT: ~0.3 ms), and ``bulk_create`` on PostgreSQL sends one array per column, whose
-dumping in psycopg's Python code was a third of a consumer batch (docs/benchmarks.md). Here one
-statement is built once per model and set of given fields. Fields a row leaves out get what the
-ORM would give them (``auto_now``/``auto_now_add`` now, else the field's default; the database
-fills an auto-increment key, a ``db_default`` or a generated column). ``save()`` and model
-signals do not run, as with ``bulk_create``. A unique-key conflict raises ``IntegrityError``.
+dumping in psycopg's Python code was a third of a consumer batch (docs/benchmarks.md).
+``insert_rows`` builds one statement per model and set of given fields. Fields a row leaves out
+get what the ORM would give them (``auto_now``/``auto_now_add`` now, else the field's default;
+the database fills an auto-increment key, a ``db_default`` or a generated column). ``save()``
+and model signals do not run, as with ``bulk_create``. A unique-key conflict raises
+``IntegrityError``.
+
+``array_literal`` writes a PostgreSQL array as one text parameter: psycopg adapts a Python
+list in Python, element by element, and a query with an ``IN`` list of hundreds of parameters
+is parsed again on every call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,3 +208,20 @@ def _statement(model: type[models.Model], alias: str, given: frozenset[str]) -> 
 
 def _has_db_default(field: models.Field[Any, Any]) -> bool:
     return getattr(field, "db_default", NOT_PROVIDED) is not NOT_PROVIDED
+
+
+def array_literal(values: Iterable[Any]) -> str:
+    """A PostgreSQL array literal of ``values`` (numbers or text; None is NULL).
+
+    Bind it as one parameter and cast it: ``col = ANY(%s::bigint[])``.
+    """
+    items = []
+    for value in values:
+        if value is None:
+            items.append("NULL")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            items.append(str(value))
+        else:
+            text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+            items.append(f'"{text}"')
+    return "{" + ",".join(items) + "}"
