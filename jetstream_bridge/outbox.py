@@ -228,11 +228,16 @@ def lock_batch(
         # rows. Never less than a batch may take against a server that stopped answering
         # (two rounds of publish timeouts), or a slow but live relay would be cut off.
         limit_ms = int(max(config.relay_lease, 2 * config.request_timeout + 1.0) * 1000)
+        # And a transaction of the relay's own need not wait for its WAL flush at commit:
+        # should PostgreSQL crash right after it, the rows it recorded as sent are pending
+        # again and published once more, which the stream drops as duplicates (Nats-Msg-Id)
+        # and an inbox would too. Not inside a caller's transaction (savepoint_ids is empty in
+        # the outermost atomic block only): the caller's writes keep their durability.
+        sql = "SELECT set_config('idle_in_transaction_session_timeout', %s, true)"
+        if not connection.savepoint_ids:
+            sql += ", set_config('synchronous_commit', 'off', true)"
         with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT set_config('idle_in_transaction_session_timeout', %s, true)",
-                [str(limit_ms)],
-            )
+            cursor.execute(sql, [str(limit_ms)])
     lock: dict[str, Any] = {"skip_locked": True}
     if connection.features.has_select_for_update_of:
         lock["of"] = ("self",)

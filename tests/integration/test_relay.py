@@ -342,6 +342,28 @@ def test_relay__a_relay_stalled_holding_row_locks_is_cut_off_after_the_lease(
     assert isinstance(outcome.get("error"), DatabaseError), outcome
 
 
+def test_lock_batch__only_the_relays_own_transaction_skips_waiting_for_the_wal_flush(
+    bridge: BridgeConfig,
+) -> None:
+    if connection.vendor != "postgresql":
+        pytest.skip("synchronous_commit is PostgreSQL's")
+    write_backlog(bridge, 2)
+
+    def synchronous_commit() -> str:
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW synchronous_commit")
+            return str(cursor.fetchone()[0])
+
+    with transaction.atomic():  # a relay round: its own transaction
+        assert len(outbox.lock_batch(bridge, using=None, limit=1)) == 1
+        assert synchronous_commit() == "off"
+    assert synchronous_commit() == "on"  # set for that transaction only
+    with transaction.atomic():  # a caller's transaction (the admin's, say) around a round
+        with transaction.atomic():
+            assert len(outbox.lock_batch(bridge, using=None, limit=1)) == 1
+            assert synchronous_commit() == "on"
+
+
 def test_relay__minimal_custom_outbox_model(bridge: BridgeConfig, settings: Any) -> None:
     from tests.testapp.models import MinimalOutbox
 
