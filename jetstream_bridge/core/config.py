@@ -121,7 +121,7 @@ class BridgeConfig:
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
-    relay_batch_size: int = 500
+    relay_batch_size: int = 1000
     relay_lease: float = 60.0
     relay_poll_interval: float = 1.0
     relay_retry_backoff: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0)
@@ -557,7 +557,7 @@ def parse_config(raw: object) -> tuple[BridgeConfig | None, list[Problem]]:
         tls_ca_file=p.optional_text("TLS_CA_FILE"),
         tls_cert_file=tls_cert,
         tls_key_file=tls_key,
-        relay_batch_size=p.integer("RELAY_BATCH_SIZE", 500, minimum=1),
+        relay_batch_size=p.integer("RELAY_BATCH_SIZE", 1000, minimum=1),
         relay_lease=relay_lease,
         relay_poll_interval=p.duration("RELAY_POLL_INTERVAL", "1s"),
         relay_retry_backoff=p.durations("RELAY_RETRY_BACKOFF", ("1s", "5s", "30s", "2m", "10m")),
