@@ -17,8 +17,10 @@ is parsed again on every call.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from django.db import connections, models
@@ -99,7 +101,8 @@ def insert_rows(
     return []
 
 
-_PER_ROW = object()
+# How each column of a statement gets its value (see _Statement.plan).
+_GIVEN, _NOW, _TODAY, _PER_ROW_DEFAULT, _CONSTANT = range(5)
 
 
 def _prepared(
@@ -107,29 +110,38 @@ def _prepared(
 ) -> list[list[Any]]:
     """Each row's database values, in the statement's column order."""
     now = timezone.now()
-    fixed: list[Any] = []  # per column: a value prepared once for every row, or _PER_ROW
-    for field in statement.fields:
-        if field.name in rows[0]:
-            fixed.append(_PER_ROW)
-        elif getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False):
-            stamp = now if isinstance(field, models.DateTimeField) else now.date()
-            fixed.append(field.get_db_prep_save(stamp, connection))
-        elif field.has_default() and callable(field.default):
-            fixed.append(_PER_ROW)  # a uuid4 primary key, say: one value per row
-        else:
-            fixed.append(field.get_db_prep_save(field.get_default(), connection))
+    stamps = {  # one prepared timestamp for every auto_now/auto_now_add column of the call
+        _NOW: connection.ops.adapt_datetimefield_value(now),
+        _TODAY: connection.ops.adapt_datefield_value(now.date()),
+    }
     vendor = connection.vendor
+    constants = statement.constants(connection)
     prepared_rows = []
     for row in rows:
         prepared = []
-        for field, value in zip(statement.fields, fixed, strict=True):
-            if value is _PER_ROW:
-                value = row[field.name] if field.name in row else field.get_default()
-                if isinstance(value, RawJson):
-                    value = value.param(vendor)
-                elif not (value is None or (type(value) is str and field.name in statement.plain)):
-                    # A str for a plain text field is what get_db_prep_save would return.
-                    value = field.get_db_prep_save(value, connection)
+        for (kind, field), constant in zip(statement.plan, constants, strict=True):
+            if kind == _CONSTANT:
+                prepared.append(constant)
+                continue
+            if kind in stamps:
+                prepared.append(stamps[kind])
+                continue
+            value = row[field.name] if kind == _GIVEN else field.get_default()
+            if value is None:
+                pass
+            elif isinstance(value, RawJson):
+                value = value.param(vendor)
+            elif isinstance(value, str) and field.name in statement.plain:
+                pass  # what get_db_prep_save returns for a str in a CharField or TextField
+            elif (
+                isinstance(value, datetime)
+                and value.tzinfo is not None
+                and (field.name in statement.datetimes)
+            ):
+                # An aware datetime needs no conversion before the backend adapts it.
+                value = connection.ops.adapt_datetimefield_value(value)
+            else:
+                value = field.get_db_prep_save(value, connection)
             prepared.append(value)
         prepared_rows.append(prepared)
     return prepared_rows
@@ -157,6 +169,20 @@ class _Statement:
     row: str  # (%s, %s, ...)
     returning: str  # " RETURNING key" where the database supports it, else ""
     plain: frozenset[str]  # text fields whose str values go to the database as they are
+    datetimes: frozenset[str]  # DateTimeFields (an aware value needs only the backend's adapt)
+    plan: tuple[tuple[int, models.Field[Any, Any]], ...]  # (how its value is found, field)
+    _constants: list[Any] = dataclasses.field(default_factory=list, compare=False)
+
+    def constants(self, connection: Any) -> list[Any]:
+        """Per column, the prepared default of a column whose default never changes."""
+        if not self._constants:
+            self._constants.extend(
+                field.get_db_prep_save(field.get_default(), connection)
+                if kind == _CONSTANT
+                else None
+                for kind, field in self.plan
+            )
+        return self._constants
 
 
 _statements: dict[tuple[type[models.Model], str, frozenset[str]], _Statement] = {}
@@ -201,9 +227,24 @@ def _statement(model: type[models.Model], alias: str, given: frozenset[str]) -> 
                 for field in fields
                 if type(field) in (models.CharField, models.TextField)
             ),
+            datetimes=frozenset(
+                field.name for field in fields if type(field) is models.DateTimeField
+            ),
+            plan=tuple((_how(field, given), field) for field in fields),
         )
         _statements[key] = statement
     return statement
+
+
+def _how(field: models.Field[Any, Any], given: frozenset[str]) -> int:
+    """How a column's value is found when rows give the fields in ``given``."""
+    if field.name in given:
+        return _GIVEN
+    if getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False):
+        return _NOW if isinstance(field, models.DateTimeField) else _TODAY
+    if field.has_default() and callable(field.default):
+        return _PER_ROW_DEFAULT  # a uuid4 primary key, say: one value per row
+    return _CONSTANT
 
 
 def _has_db_default(field: models.Field[Any, Any]) -> bool:
