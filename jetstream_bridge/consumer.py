@@ -475,8 +475,14 @@ class Consumer:
         but without one it can leave the batch transaction aborted (PostgreSQL) or, on MySQL, a
         deadlock may have rolled it back: the next handler would then fail for an error that
         is not its own. ``_run_unprotected`` checks these notes after each handler.
+
+        Not on PostgreSQL, where ``_transaction_spoiled`` reads the transaction's state from
+        libpq instead: a wrapper around every query of the batch would be work for nothing.
         """
         self._query_errors = []
+        if connections[self.using].vendor == "postgresql":
+            yield
+            return
 
         def note(execute: Any, sql: Any, params: Any, many: bool, context: Any) -> Any:
             try:
