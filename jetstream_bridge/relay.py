@@ -243,10 +243,13 @@ class Relay:
                 rows = outbox.lock_batch(
                     self.config, using=self.using, limit=self.batch_size, after=after
                 )
-                if rows and unreachable is not None:
-                    self._record(None, rows, [unreachable] * len(rows))
-                elif rows:
-                    self._record(None, rows, _results(self._publish(rows), rows))
+                if rows:
+                    results: Results = (
+                        [unreachable] * len(rows)
+                        if unreachable is not None
+                        else _results(self._publish(rows), rows)
+                    )
+                    self._record(None, rows, results)
             if not rows:
                 if after is None:
                     # Each round claims after its own commit, so rows that recording made
