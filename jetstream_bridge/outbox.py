@@ -1,7 +1,8 @@
-"""The outbox table's side of publishing: write, claim with a lease, record results, purge.
+"""The outbox table's side of publishing: write, lock or lease batches, record results, purge.
 
-All functions are synchronous ORM code; the relay and the publisher's fast path call them from
-threads, never from the event loop.
+All functions are synchronous database code (the ORM, and plain SQL from ``sql.py`` on the hot
+paths); the relay and the publisher's fast path call them from threads, never from the event
+loop.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def outbox_model(config: BridgeConfig) -> type[models.Model]:
 
 @dataclass(frozen=True)
 class ClaimedRow:
-    """A row a relay holds the lease on, ready to publish."""
+    """A row a relay holds (a row lock or a lease), ready to publish."""
 
     pk: Any
     event_id: str
@@ -238,13 +239,20 @@ def lock_batch(
             sql += ", set_config('synchronous_commit', 'off', true)"
         with connection.cursor() as cursor:
             cursor.execute(sql, [str(limit_ms)])
-    lock: dict[str, Any] = {"skip_locked": True}
-    if connection.features.has_select_for_update_of:
+    names = field_names(model)
+    queryset = _for_update(_due_rows(config, model, alias, now or timezone.now(), after), alias)
+    rows = list(queryset.values_list(*_row_columns(names))[:limit])
+    return _claimed_rows(rows, names, counted=False)
+
+
+def _for_update(queryset: models.QuerySet[Any], alias: str) -> models.QuerySet[Any]:
+    """``SELECT ... FOR UPDATE`` of the outbox rows only, skipping locked ones where possible."""
+    features = connections[alias].features
+    lock: dict[str, Any] = {"skip_locked": features.has_select_for_update_skip_locked}
+    if features.has_select_for_update_of:
         lock["of"] = ("self",)
-    queryset = _due_rows(config, model, alias, now or timezone.now(), after)
-    columns = _row_columns(field_names(model))
-    rows = list(queryset.select_for_update(**lock).values_list(*columns)[:limit])
-    return _claimed_rows(rows, field_names(model), counted=False)
+    locked: models.QuerySet[Any] = queryset.select_for_update(**lock)
+    return locked
 
 
 def claim_batch(
@@ -272,10 +280,6 @@ def claim_batch(
     token = uuid.uuid4().hex
     manager = model._default_manager.db_manager(alias)
     queryset = _due_rows(config, model, alias, now, after)
-    features = connections[alias].features
-    lock: dict[str, Any] = {"skip_locked": features.has_select_for_update_skip_locked}
-    if features.has_select_for_update_of:
-        lock["of"] = ("self",)
     columns = _row_columns(names)
     update: dict[str, Any] = {
         "status": OutboxStatus.PUBLISHING,
@@ -294,7 +298,7 @@ def claim_batch(
                 return token, []
             rows = list(_readable(manager.filter(locked_by=token), names).values_list(*columns))
             return token, _claimed_rows(rows, names, counted=True)
-        rows = list(queryset.select_for_update(**lock).values_list(*columns)[:limit])
+        rows = list(_for_update(queryset, alias).values_list(*columns)[:limit])
         if not rows:
             return token, []
         manager.filter(pk__in=[row[0] for row in rows]).update(**update)
