@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from .core.config import BridgeConfig
 from .models import InboxStatus, field_names, only_fields
-from .sql import RawJson, array_literal, insert_rows
+from .sql import RawJson, array_literal, insert_rows, quoted_column
 
 
 def inbox_model(config: BridgeConfig) -> type[models.Model]:
@@ -93,12 +93,11 @@ class Inbox:
         Through the ORM, each ``IN`` list is a parameter per message: Django compiled and
         psycopg parsed a new ~200-parameter statement for every batch (~9% of its time).
         """
-        connection = connections[self.manager.db]
-        quote = connection.ops.quote_name
+        alias = self.manager.db
+        connection = connections[alias]
 
         def column(name: str) -> str:
-            field = self.model._meta.get_field(name)
-            return quote(getattr(field, "column", None) or name)
+            return quoted_column(self.model, alias, name)
 
         alternatives, params = [], []
         if ids:
@@ -113,10 +112,8 @@ class Inbox:
         if "consumer" in self.names:
             where = f"{column('consumer')} = %s AND {where}"
             params.insert(0, self.consumer)
-        selected = ", ".join(
-            column(self.model._meta.pk.name if name == "pk" else name) for name in columns
-        )
-        table = quote(self.model._meta.db_table)
+        selected = ", ".join(column(name) for name in columns)
+        table = connection.ops.quote_name(self.model._meta.db_table)
         # Only quoted column and table names are interpolated; every value is a parameter.
         sql = f"SELECT {selected} FROM {table} WHERE {where}"  # noqa: S608
         with connection.cursor() as cursor:

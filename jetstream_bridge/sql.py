@@ -266,3 +266,15 @@ def array_literal(values: Iterable[Any]) -> str:
             text = str(value).replace("\\", "\\\\").replace('"', '\\"')
             items.append(f'"{text}"')
     return "{" + ",".join(items) + "}"
+
+
+def quoted_column(model: type[models.Model], alias: str, name: str) -> str:
+    """The quoted column of ``model``'s field ``name`` (``"pk"``: its primary key) on ``alias``.
+
+    The only names the plain SQL here and in outbox.py and inbox.py interpolates.
+    """
+    field = model._meta.pk if name == "pk" else model._meta.get_field(name)
+    column = getattr(field, "column", None)
+    if not isinstance(column, str):
+        raise TypeError(f"{model._meta.label}.{name} has no column")
+    return str(connections[alias].ops.quote_name(column))
