@@ -164,18 +164,23 @@ def wait_until_due() -> None:
 def wait_for_other_database_sessions_to_end() -> None:
     """Wait until the server has finished what a killed process had already sent it.
 
-    PostgreSQL completes (and in autocommit, commits) a statement whose client died mid-way;
-    SQLite has no server, so a dead writer's work is already complete or rolled back.
+    PostgreSQL completes (and in autocommit, commits) a statement whose client died mid-way,
+    and it and MySQL/MariaDB hold a dead client's transaction, row locks included, until they
+    notice the closed socket; SQLite has no server, so a dead writer's work is already
+    complete or rolled back.
     """
-    if connection.vendor != "postgresql":
+    others = {
+        "postgresql": "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        "mysql": "SELECT count(*) FROM information_schema.processlist "
+        "WHERE db = DATABASE() AND id <> CONNECTION_ID()",
+    }.get(connection.vendor)
+    if others is None:
         return
 
     def alone() -> bool:
         with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
+            cursor.execute(others)
             return bool(cursor.fetchone()[0] == 0)
 
     wait_for(alone, timeout=10, what="the killed relay's database sessions to end")
