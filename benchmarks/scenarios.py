@@ -635,18 +635,7 @@ def consume(count: int, batch: int) -> dict[str, Any]:
         timer.wrap_sync(Inbox, "flush", "inbox_row")
     timer.wrap_sync(handlers, "write_row", "handler")  # before --handler imports it
     started = time.perf_counter()
-    call_command(
-        "jetstream_consume",
-        "--durable",
-        f"bench-{batch}",
-        "--batch-size",
-        str(batch),
-        "--handler",
-        "benchmarks.handlers.write_row",
-        "--max-messages",
-        str(count),
-        stdout=io.StringIO(),
-    )
+    call_command(*_consume_args(count, batch, f"bench-{batch}"), stdout=io.StringIO())
     elapsed = time.perf_counter() - started
     return {
         "rate": count / elapsed,
@@ -656,11 +645,9 @@ def consume(count: int, batch: int) -> dict[str, Any]:
     }
 
 
-def _start_consumer(count: int, batch: int, durable: str) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable,
-        "-m",
-        "django",
+def _consume_args(count: int, batch: int, durable: str) -> list[str]:
+    """``jetstream_consume`` with the benchmark's handler, until ``count`` are handled."""
+    return [
         "jetstream_consume",
         "--durable",
         durable,
@@ -671,6 +658,10 @@ def _start_consumer(count: int, batch: int, durable: str) -> subprocess.Popen[by
         "--max-messages",
         str(count),
     ]
+
+
+def _start_consumer(count: int, batch: int, durable: str) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "django", *_consume_args(count, batch, durable)]
     return subprocess.Popen(command, env=django_env("beta", "alpha"), stdout=subprocess.DEVNULL)
 
 
