@@ -62,7 +62,6 @@ from django.utils.text import Truncator
 from . import health
 from .conf import get_config
 from .connection import scrub
-from .consumer import Consumer, Verdict
 from .core.durations import format_age
 from .core.errors import NatsError
 from .exceptions import ConfigurationError
@@ -77,6 +76,7 @@ from .models import (
     field_names,
     only_fields,
 )
+from .processing import BatchProcessor, Verdict
 from .relay import Relay
 from .runtime import get_runtime
 
@@ -544,14 +544,14 @@ class InboxEventAdmin(EventAdmin):
             selected = selected[: self.max_rerun]
         processed, failed, skipped = [], [], 0
         for pk, durable in selected:
-            consumer = Consumer(
-                durable_name=str(durable) if has_consumer else "",
+            processor = BatchProcessor(
+                durable=str(durable) if has_consumer else "",
                 handler=self.handler,
                 config=config,
                 using=queryset.db,
             )
             try:
-                outcome = consumer.process_stored(pk)
+                outcome = processor.process_stored(pk)
             except self.model.DoesNotExist:
                 skipped += 1
                 continue

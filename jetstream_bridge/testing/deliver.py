@@ -5,10 +5,11 @@
     result = deliver(envelope, create_invoice)
     assert result.processed
 
-The delivery goes through the consumer's own code: the inbox row and the handler's writes in
-one savepoint, duplicates recognised by the inbox, failures recorded and turned into a retry
-(with the ``BACKOFF`` delay) or, on the last delivery or a ``RejectMessage``, a dead letter.
-Nothing is acked or published: the result says what the consumer would do with the message.
+The delivery goes through the consumer's own code (``BatchProcessor``, as a batch of one): the
+inbox row and the handler's writes committed together, duplicates recognised by the inbox,
+failures recorded and turned into a retry (with the ``BACKOFF`` delay) or, on the last delivery
+or a ``RejectMessage``, a dead letter. Nothing is acked or published: the result says what the
+consumer would do with the message.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..conf import get_config
-from ..connection import Delivery
-from ..consumer import Consumer, Verdict
 from ..core import dlq
 from ..core.envelope import MSG_ID_HEADER, encode
 from ..handlers import Handler, HandlerRegistry, autodiscover, registry
+from ..processing import BatchProcessor, ReceivedMessage, Verdict
 
 DURABLE = "tests"
 # The inbox also dedupes by (stream, stream_seq): start far above any real sequence so that a
@@ -54,7 +54,7 @@ class DeliveryResult:
         return self.verdict == "dead"
 
 
-def deliver(
+def deliver(  # noqa: PLR0913, RUF100 (public test helper, keyword-only knobs)
     message: Mapping[str, Any] | bytes,
     handler: Handler | None = None,
     *,
@@ -73,21 +73,22 @@ def deliver(
     data = message if isinstance(message, bytes) else encode(message)
     if handler is None:
         autodiscover()
-    delivery = Delivery.__new__(Delivery)  # no connection or reply: it is never settled
-    delivery.subject = subject or config.subjects.subscribe
-    delivery.data = data
-    delivery.headers = dict(headers or {})
+    received_headers = dict(headers or {})
     if isinstance(message, Mapping) and "event_id" in message:
-        delivery.headers.setdefault(MSG_ID_HEADER, str(message["event_id"]))
-    delivery.stream = config.stream_name
-    delivery.consumer = durable
-    delivery.stream_seq = next(_stream_seqs)
-    delivery.deliveries = deliveries
-    delivery.pending = 0
-    consumer = Consumer(
-        durable_name=durable, handler=handler, registry=handlers, using=using, config=config
+        received_headers.setdefault(MSG_ID_HEADER, str(message["event_id"]))
+    received = ReceivedMessage(
+        subject=subject or config.subjects.subscribe,
+        data=data,
+        headers=received_headers,
+        stream=config.stream_name,
+        stream_seq=next(_stream_seqs),
+        deliveries=deliveries,
+        consumer=durable,
     )
-    [outcome] = consumer._process_deliveries([delivery])
+    processor = BatchProcessor(
+        durable=durable, handler=handler, registry=handlers, using=using, config=config
+    )
+    outcome = processor.process_message(received)
     return DeliveryResult(
         verdict=outcome.verdict.value,
         duplicate=outcome.duplicate,

@@ -1,0 +1,131 @@
+"""A received message, what becomes of it, and the rules that decide between retry and the DLQ.
+
+No database and no broker here: ``processing.BatchProcessor`` runs handlers and records rows,
+then asks ``Decisions`` what a failure means; ``consumer.Consumer`` settles the ``Outcome``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .core import dlq
+from .core.config import BridgeConfig
+from .core.envelope import decode
+from .core.errors import MalformedEnvelope
+from .core.retry import RetryPolicy
+
+# How long a message waits before coming back when its batch failed on the database.
+DATABASE_RETRY_DELAY = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReceivedMessage:
+    """A message as a durable consumer received it, without the means to settle it.
+
+    ``deliveries`` counts from 1 (the first delivery); ``consumer`` is the durable's name.
+    """
+
+    subject: str
+    data: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    stream: str = ""
+    stream_seq: int = 0
+    deliveries: int = 1
+    consumer: str = ""
+
+
+class Verdict(enum.Enum):
+    """How to settle a message: ack it, have it redelivered later, or dead-letter it."""
+
+    ACK = "ack"
+    RETRY = "retry"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What becomes of ``message``: its verdict, the retry ``delay``, or the ``dead`` letter.
+
+    ``duplicate`` marks an ack for a message the inbox had already processed.
+    """
+
+    message: ReceivedMessage
+    verdict: Verdict
+    delay: float = 0.0
+    dead: dlq.DeadLetter | None = None
+    duplicate: bool = False
+
+
+def dead_letter(
+    message: ReceivedMessage, reason: str, error: BaseException, event_id: str | None
+) -> dlq.DeadLetter:
+    """Describe ``message`` for the DLQ: where it came from and why it failed for good."""
+    return dlq.DeadLetter(
+        reason=reason,
+        error_class=type(error).__name__,
+        error_message=str(error),
+        original_subject=message.subject,
+        stream=message.stream,
+        stream_seq=message.stream_seq,
+        deliveries=message.deliveries,
+        consumer=message.consumer,
+        event_id=event_id,
+    )
+
+
+def describe(error: BaseException) -> str:
+    """Return the error as the inbox's ``last_error`` and the logs show it."""
+    return f"{type(error).__name__}: {error}"
+
+
+class Decisions:
+    """Decide between a retry (after the backoff) and the DLQ, by the configured policy.
+
+    The server gives up on a message after ``MAX_DELIVER`` deliveries, so a NAK on the last
+    one would drop it silently: a failure on the last delivery becomes a dead letter.
+    """
+
+    def __init__(self, config: BridgeConfig) -> None:
+        self.policy = RetryPolicy(config.max_deliver, config.backoff)
+
+    def failed(
+        self,
+        message: ReceivedMessage,
+        error: BaseException,
+        *,
+        reason: str | None,
+        event_id: str | None,
+    ) -> Outcome:
+        """Decide for a message that failed; ``reason`` names a failure retries cannot fix."""
+        if reason is not None:
+            return Outcome(
+                message, Verdict.DEAD, dead=dead_letter(message, reason, error, event_id)
+            )
+        return self._retry_or_dead(message, error, event_id, self.retry_delay(message))
+
+    def database_unavailable(self, message: ReceivedMessage, error: BaseException) -> Outcome:
+        """Decide for a message whose batch failed on the database: nothing was committed.
+
+        The DLQ needs no database, so the last delivery is kept there for a replay.
+        """
+        return self._retry_or_dead(message, error, _event_id(message), DATABASE_RETRY_DELAY)
+
+    def retry_delay(self, message: ReceivedMessage) -> float:
+        """Return how long the server should wait before delivering ``message`` again."""
+        return self.policy.delay_for(message.deliveries)
+
+    def _retry_or_dead(
+        self, message: ReceivedMessage, error: BaseException, event_id: str | None, delay: float
+    ) -> Outcome:
+        if not self.policy.is_last(message.deliveries):
+            return Outcome(message, Verdict.RETRY, delay=delay)
+        dead = dead_letter(message, dlq.MAX_DELIVER, error, event_id)
+        return Outcome(message, Verdict.DEAD, dead=dead)
+
+
+def _event_id(message: ReceivedMessage) -> str | None:
+    try:
+        return str(decode(message.data)["event_id"])
+    except MalformedEnvelope:
+        return None
