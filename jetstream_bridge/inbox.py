@@ -1,7 +1,7 @@
 """The inbox table's side of consuming: find what was already handled, record outcomes.
 
-Called inside the consumer's batch transaction, so an inbox row and the handler's own writes
-commit (or roll back) together.
+Called inside the batch processor's transaction (``processing.py``), so an inbox row and the
+handler's own writes commit (or roll back) together.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from .core.config import BridgeConfig
 from .models import InboxStatus, field_names, only_fields
+from .outcomes import ReceivedMessage
 from .sql import RawJson, array_literal, insert_rows, quoted_column
 
 
@@ -125,27 +126,22 @@ class Inbox:
         *,
         existing: Seen | None,
         status: str,
-        subject: str,
-        stream: str,
-        stream_seq: int,
-        deliveries: int,
+        message: ReceivedMessage,
         event: dict[str, Any] | None,
-        headers: dict[str, str],
         error: str | None = None,
         defer: bool = False,
-        body: bytes | None = None,
     ) -> None:
-        """Insert or update the row for one delivery with its outcome.
+        """Insert or update the row for one received message with its outcome.
 
         With ``defer`` a new row waits for ``flush()``: one multi-row INSERT per batch instead
-        of one per message (per-message ORM inserts took ~40% of a consumer batch). ``body``
-        is the message as received: when ``event`` was decoded from it, its text is stored as
-        the payload as is instead of encoding ``event`` to JSON again.
+        of one per message (per-message ORM inserts took ~40% of a consumer batch). When
+        ``event`` was decoded from the message's body, that text is stored as the payload as
+        is instead of encoding ``event`` to JSON again.
         """
         now = timezone.now()
         values: dict[str, Any] = {
             "status": status,
-            "deliveries": deliveries,
+            "deliveries": message.deliveries,
             "last_error": error,
             "processed_at": now if status == InboxStatus.PROCESSED else None,
         }
@@ -166,18 +162,18 @@ class Inbox:
         payload: Any = {}
         if event is not None:
             payload = event
-            if self._payload_is_json and body is not None:
-                payload = _received_json(body) or event
+            if self._payload_is_json:
+                payload = _received_json(message.data) or event
         values.update(
             consumer=self.consumer,
             event_id=(event or {}).get("event_id"),
-            subject=subject,
+            subject=message.subject,
             payload=payload,
-            headers=headers,
+            headers=message.headers,
             event_type=str((event or {}).get("event_type") or ""),
             resource_type=str((event or {}).get("resource_type") or ""),
-            stream=stream,
-            stream_seq=stream_seq,
+            stream=message.stream,
+            stream_seq=message.stream_seq,
             received_at=now,
         )
         row = {key: value for key, value in values.items() if key in self.names}

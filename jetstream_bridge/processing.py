@@ -455,17 +455,11 @@ def _record(
 ) -> None:
     """Insert or update the inbox row for ``item`` with ``status``."""
     seen = item.seen
-    message = item.message
     inbox.record(
         existing=seen if seen is not None and seen.pk is not None else None,
         status=status,
-        subject=message.subject,
-        stream=message.stream,
-        stream_seq=message.stream_seq,
-        deliveries=message.deliveries,
+        message=item.message,
         event=item.event,
-        headers=message.headers,
         error=error,
         defer=defer,
-        body=message.data,
     )
