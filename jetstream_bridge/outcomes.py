@@ -23,16 +23,18 @@ DATABASE_RETRY_DELAY = 1.0
 class ReceivedMessage:
     """A message as a durable consumer received it, without the means to settle it.
 
-    ``deliveries`` counts from 1 (the first delivery); ``consumer`` is the durable's name.
+    ``stream``/``stream_seq`` say where the stream stored it (the inbox also recognises a
+    message by them); ``deliveries`` counts from 1 (the first delivery); ``consumer`` is the
+    durable's name.
     """
 
     subject: str
     data: bytes
-    headers: dict[str, str] = field(default_factory=dict)
-    stream: str = ""
-    stream_seq: int = 0
+    stream: str
+    stream_seq: int
+    consumer: str
     deliveries: int = 1
-    consumer: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class Verdict(enum.Enum):
