@@ -12,9 +12,11 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from .durations import format_duration, parse_duration
+from .problems import Problem, first_error
+from .redaction import Secret, redact_url
 from .subjects import (
     Subjects,
     dlq_subject,
@@ -24,65 +26,22 @@ from .subjects import (
     token_problem,
 )
 
+__all__ = [
+    "KNOWN_KEYS",
+    "BridgeConfig",
+    "Problem",
+    "Secret",
+    "describe_keys",
+    "first_error",
+    "parse_config",
+    "redact_url",
+]
+
 DEFAULT_BACKOFF = ("1s", "5s", "15s", "30s", "60s")
 STORAGE_CHOICES = ("file", "memory")
 RETENTION_CHOICES = ("limits", "interest", "workqueue")
 HANDLER_SAVEPOINTS_CHOICES = ("on_failure", "always")
 _STREAM_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-class Secret:
-    """A string that never shows itself in ``repr``/``str``; call ``reveal()`` to use it."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('********')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-
-def redact_url(url: str) -> str:
-    """Return ``url`` with any password or token replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable url>"
-    if not parts.username and not parts.password:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    # A lone "user" in nats://token@host is a token; hide it too.
-    cred = f"{user}:***" if parts.password is not None else "***"
-    return urlunsplit((parts.scheme, f"{cred}@{host}", parts.path, parts.query, parts.fragment))
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One configuration problem; ``id`` is the Django check id suffix (``E003``)."""
-
-    id: str
-    msg: str
-    hint: str
-    key: str | None = None
-
-    @property
-    def is_error(self) -> bool:
-        return self.id.startswith("E")
 
 
 @dataclass(frozen=True)
@@ -582,7 +541,3 @@ def parse_config(raw: object) -> tuple[BridgeConfig | None, list[Problem]]:
 def describe_keys() -> list[tuple[str, str]]:
     """Return ``(key, meaning)`` for documentation and the install command."""
     return list(KNOWN_KEYS.items())
-
-
-def first_error(problems: Sequence[Problem]) -> Problem | None:
-    return next((p for p in problems if p.is_error), None)
