@@ -140,3 +140,16 @@ def test_config_repr__never_shows_secrets() -> None:
 )
 def test_redact_url__hides_passwords_and_tokens(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+def test_parse_config__reports_problems_in_documentation_order_unknown_keys_first() -> None:
+    _, problems = parse_config(
+        {"TLS_CERT_FILE": "c.pem", "NATS_URLS": "x", "NOPE": 1, "MAX_DELIVER": 2}
+    )
+    assert [(p.id, p.key) for p in problems] == [
+        ("E002", "NOPE"),
+        ("E008", "NATS_URLS"),
+        ("E003", "DESTINATION_APP"),
+        ("E006", "BACKOFF"),
+        ("E014", "TLS_KEY_FILE"),
+    ]
