@@ -36,9 +36,12 @@ def redact_url(url: str) -> str:
         return "<unparsable url>"
     if not parts.username and not parts.password:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    try:
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+    except ValueError:  # a port out of range: show the host part as written
+        host = parts.netloc.rpartition("@")[2]
     user = parts.username or ""
     # A lone "user" in nats://token@host is a token; hide it too.
     cred = f"{user}:***" if parts.password is not None else "***"
