@@ -9,6 +9,7 @@ from django.apps import AppConfig, apps
 from django.core.checks import CheckMessage, Error, Warning, register
 
 from .conf import parsed
+from .core.problems import BAD_MODEL, CHECK_ID_PREFIX, MODEL_MISSING_FIELDS
 from .models import INBOX_REQUIRED_FIELDS, OUTBOX_REQUIRED_FIELDS, field_names
 
 
@@ -20,7 +21,7 @@ def check_settings(
     messages: list[CheckMessage] = []
     for problem in problems:
         kind = Error if problem.is_error else Warning
-        messages.append(kind(problem.msg, hint=problem.hint, id=f"jetstream_bridge.{problem.id}"))
+        messages.append(kind(problem.msg, hint=problem.hint, id=f"{CHECK_ID_PREFIX}.{problem.id}"))
     if config is None:
         return messages
     wanted: list[tuple[str, str, tuple[str, ...]]] = []
@@ -37,7 +38,7 @@ def check_settings(
                     f"JETSTREAM_BRIDGE[{key!r}] = {path!r} is not an installed model.",
                     hint=f"Add the model's app to INSTALLED_APPS, fix the 'app_label.ModelName' "
                     f"path, or set 'USE_{key.split('_')[0]}': False.",
-                    id="jetstream_bridge.E012",
+                    id=BAD_MODEL.qualified_id,
                 )
             )
             continue
@@ -53,7 +54,7 @@ def check_settings(
                     hint=f"Add them to {model.__name__} (see jetstream_bridge.models for types) "
                     "and run makemigrations.",
                     obj=model,
-                    id="jetstream_bridge.E013",
+                    id=MODEL_MISSING_FIELDS.qualified_id,
                 )
             )
     return messages

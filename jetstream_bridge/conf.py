@@ -12,29 +12,25 @@ from django.core.signals import setting_changed
 from django.dispatch import receiver
 
 from .core.config import BridgeConfig, Problem, parse_config
+from .core.settings_schema import SETTINGS
 from .exceptions import ConfigurationError
 
 SETTING_NAME = "JETSTREAM_BRIDGE"
 
-# settings key -> environment variable consulted when the key is absent
-ENV_FALLBACKS = {
-    "NATS_URLS": "NATS_URLS",
-    "ENV": "NATS_ENV",
-    "APP_NAME": "APP_NAME",
-    "DESTINATION_APP": "DESTINATION_APP",
-}
-
 
 def raw_settings() -> object:
-    """Return the settings dict merged with the environment fallbacks."""
+    """Return the settings dict merged with the environment fallbacks (``Setting.env``)."""
     value = getattr(settings, SETTING_NAME, {})
     if not isinstance(value, Mapping):
         return value
     merged: dict[str, Any] = dict(value)
     env = environ.Env()
-    for key, variable in ENV_FALLBACKS.items():
-        if merged.get(key) in (None, "") and env.str(variable, default=""):
-            merged[key] = env.list(variable) if key == "NATS_URLS" else env.str(variable)
+    for setting in SETTINGS:
+        variable = setting.env
+        if variable is None or merged.get(setting.key) not in (None, ""):
+            continue
+        if env.str(variable, default=""):
+            merged[setting.key] = env.list(variable) if setting.kind.is_list else env.str(variable)
     return merged
 
 

@@ -1,9 +1,9 @@
 """What ``manage.py jetstream_install`` does: the Django counterpart of the gem's generators.
 
 It checks that the app is installed, renders a commented ``JETSTREAM_BRIDGE`` settings block
-(every key with its default, straight from the settings parser so the two cannot drift), writes
-it without clobbering a file the user changed, and applies the bridge's migrations. Every step
-is idempotent and says whether it changed anything.
+(every key of the settings schema with the default its parser gives, so the two cannot drift),
+writes it without clobbering a file the user changed, and applies the bridge's migrations.
+Every step is idempotent and says whether it changed anything.
 """
 
 from __future__ import annotations
@@ -18,16 +18,13 @@ from django.apps import apps
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.migrations.executor import MigrationExecutor
 
-from .conf import ENV_FALLBACKS
-from .core.config import BridgeConfig, describe_keys, parse_config
+from .core.config import BridgeConfig, parse_config
 from .core.durations import format_duration
+from .core.settings_schema import SETTINGS, Setting
 
 logger = logging.getLogger(__name__)
 
 APP_LABEL = "jetstream_bridge"
-REQUIRED_KEYS = ("DESTINATION_APP",)
-SECRET_KEYS = ("PASSWORD", "TOKEN", "NKEY_SEED")
-DERIVED_FROM_ENV = ("STREAM_NAME", "DLQ_SUBJECT")
 
 
 def is_installed() -> bool:
@@ -67,24 +64,27 @@ def settings_block() -> str:
         "",
         "JETSTREAM_BRIDGE = {",
     ]
-    for key, meaning in describe_keys():
-        note = meaning
-        if key in ENV_FALLBACKS:
-            note += f"; ${ENV_FALLBACKS[key]} when left out"
-        if key in DERIVED_FROM_ENV:
-            note += "; the default follows ENV"
-        if key in SECRET_KEYS:
-            note += f"; read it from the environment, e.g. os.environ['NATS_{key}']"
-        lines.append(f"    # {note}.")
-        if key in REQUIRED_KEYS:
-            lines.append(f'    "{key}": "",')
+    for setting in SETTINGS:
+        lines.append(f"    # {_note(setting)}.")
+        if setting.required:
+            lines.append(f'    "{setting.key}": "",')
         else:
-            value = getattr(config, key.lower())
-            if key == "NATS_URLS":
-                value = list(value)
-            lines.append(f'    # "{key}": {_literal(value)},')
+            value = getattr(config, setting.field)
+            lines.append(f'    # "{setting.key}": {_literal(value)},')
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _note(setting: Setting) -> str:
+    """Return the comment above a key: its doc line and where else its value may come from."""
+    note = setting.doc
+    if setting.env:
+        note += f"; ${setting.env} when left out"
+    if setting.follows_env:
+        note += "; the default follows ENV"
+    if setting.secret:
+        note += f"; read it from the environment, e.g. os.environ['NATS_{setting.key}']"
+    return note
 
 
 class WriteResult(enum.Enum):

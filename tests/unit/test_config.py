@@ -136,7 +136,27 @@ def test_config_repr__never_shows_secrets() -> None:
         ("nats://user:secret@127.0.0.1:1", "nats://user:***@127.0.0.1:1"),
         ("nats://tok@host:4222", "nats://***@host:4222"),
         ("tls://host:4222", "tls://host:4222"),
+        ("nats://user:secret@host:99999", "nats://user:***@host:99999"),
     ],
 )
 def test_redact_url__hides_passwords_and_tokens(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+def test_parse_config__reports_problems_in_documentation_order_unknown_keys_first() -> None:
+    _, problems = parse_config(
+        {"TLS_CERT_FILE": "c.pem", "NATS_URLS": "x", "NOPE": 1, "MAX_DELIVER": 2}
+    )
+    assert [(p.id, p.key) for p in problems] == [
+        ("E002", "NOPE"),
+        ("E008", "NATS_URLS"),
+        ("E003", "DESTINATION_APP"),
+        ("E006", "BACKOFF"),
+        ("E014", "TLS_KEY_FILE"),
+    ]
+
+
+def test_parse_config__url_with_credentials_and_a_bad_port_is_E008_not_a_crash() -> None:
+    _, [problem] = parse_config({"DESTINATION_APP": "b", "NATS_URLS": "nats://u:pw@h:99999"})
+    assert problem.id == "E008"
+    assert problem.msg == "JETSTREAM_BRIDGE['NATS_URLS'] has an invalid URL: nats://u:***@h:99999."

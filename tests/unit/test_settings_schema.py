@@ -1,0 +1,74 @@
+"""The settings schema is the one source: the config, the README and the check ids agree with it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from jetstream_bridge.core import problems as problems_module
+from jetstream_bridge.core.config import BridgeConfig, describe_keys, parse_config
+from jetstream_bridge.core.problems import BAD_MODEL, CHECKS, Check, check_list
+from jetstream_bridge.core.settings_schema import (
+    ENV_FALLBACKS,
+    SETTINGS,
+    settings_table,
+)
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_table() -> str:
+    lines = README.read_text(encoding="utf-8").splitlines()
+    start = lines.index("| key | default | meaning |")
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return "\n".join(lines[start:end]) + "\n"
+
+
+def test_readme__configuration_table_is_the_rendered_schema() -> None:
+    assert readme_table() == settings_table()
+
+
+def test_readme__check_id_list_is_the_rendered_registry() -> None:
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    assert check_list() in text
+
+
+def test_schema__declares_exactly_the_config_fields_in_order() -> None:
+    assert [s.field for s in SETTINGS] == [f.name for f in dataclasses.fields(BridgeConfig)]
+    assert [key for key, _ in describe_keys()] == [s.key for s in SETTINGS]
+
+
+def test_schema__parsed_defaults_equal_the_config_defaults() -> None:
+    config, problems = parse_config({"DESTINATION_APP": "b"})
+    assert config is not None, problems
+    for field in dataclasses.fields(BridgeConfig):
+        if field.default is not dataclasses.MISSING and field.default != "":
+            assert getattr(config, field.name) == field.default, field.name
+
+
+def test_schema__env_derived_defaults_follow_a_parsed_env() -> None:
+    keys = [s.key for s in SETTINGS]
+    for setting in SETTINGS:
+        if setting.follows_env:
+            assert keys.index(setting.key) > keys.index("ENV"), setting.key
+
+
+def test_schema__environment_fallbacks_and_flags() -> None:
+    assert ENV_FALLBACKS == {
+        "NATS_URLS": "NATS_URLS",
+        "ENV": "NATS_ENV",
+        "APP_NAME": "APP_NAME",
+        "DESTINATION_APP": "DESTINATION_APP",
+    }
+    assert [s.key for s in SETTINGS if s.secret] == ["PASSWORD", "TOKEN", "NKEY_SEED"]
+    assert [s.key for s in SETTINGS if s.required] == ["DESTINATION_APP"]
+    assert [s.key for s in SETTINGS if s.follows_env] == ["STREAM_NAME", "DLQ_SUBJECT"]
+
+
+def test_check_ids__each_registered_once_in_id_order() -> None:
+    declared = [v for v in vars(problems_module).values() if isinstance(v, Check)]
+    assert sorted(declared, key=lambda check: check.id) == list(CHECKS)
+    assert len({check.id for check in CHECKS}) == len(CHECKS)
+    assert BAD_MODEL.qualified_id == "jetstream_bridge.E012"
