@@ -24,12 +24,13 @@ from typing import Any, Literal
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections, transaction
 
-from . import metrics, outbox
+from . import metrics
 from .conf import get_config
 from .connection import Connection, PubAck
 from .core.config import BridgeConfig
 from .core.envelope import MSG_ID_HEADER, build_envelope, encode
 from .core.errors import PayloadTooLarge
+from .outbox import NewEvent, OutboxStore, Outcome
 from .runtime import get_runtime
 
 logger = logging.getLogger(__name__)
@@ -176,16 +177,15 @@ class Publisher:
         return True
 
     def _write_outbox(self, prepared: _Prepared) -> PublishResult:
-        config = prepared.config
-        pk, created = outbox.write_event(
-            config,
-            using=self.using,
-            event_id=prepared.event_id,
-            subject=prepared.subject,
-            envelope=prepared.envelope,
-            headers={k: v for k, v in prepared.headers.items() if k != MSG_ID_HEADER},
-            explicit_id=prepared.explicit_id,
-            encoded=prepared.data.decode(),  # the bytes the fast path publishes, stored as is
+        pk, created = OutboxStore(prepared.config, using=self.using).write(
+            NewEvent(
+                prepared.event_id,
+                prepared.subject,
+                prepared.envelope,
+                {k: v for k, v in prepared.headers.items() if k != MSG_ID_HEADER},
+                prepared.explicit_id,
+                encoded=prepared.data.decode(),  # the bytes the fast path publishes, as is
+            )
         )
         if not created:
             logger.info("event already in the outbox", extra=_log_fields(prepared))
@@ -298,13 +298,8 @@ def _held_for_order(prepared: _Prepared, using: str | None, pk: Any) -> bool:
     resource_id = prepared.envelope.get("resource_id")
     if not (prepared.config.outbox_ordering and resource_id):
         return False
-    held = outbox.has_older_unsent(
-        prepared.config,
-        using=using,
-        pk=pk,
-        resource_type=str(prepared.envelope["resource_type"]),
-        resource_id=str(resource_id),
-    )
+    store = OutboxStore(prepared.config, using=using)
+    held = store.has_older_unsent(pk, str(prepared.envelope["resource_type"]), str(resource_id))
     if held:
         logger.debug("fast path skipped to keep resource order", extra=_log_fields(prepared))
     return held
@@ -376,24 +371,21 @@ class FastPath:
     def _record(
         batch: list[tuple[_Prepared, str | None, Any, concurrent.futures.Future[PubAck]]],
     ) -> None:
-        by_target: dict[tuple[int, str | None], tuple[BridgeConfig, list[Any], list[Any]]] = {}
+        by_target: dict[tuple[int, str | None], tuple[BridgeConfig, list[Outcome]]] = {}
         for prepared, using, pk, future in batch:
             key = (id(prepared.config), using)
-            config, sent, failed = by_target.setdefault(key, (prepared.config, [], []))
+            _, outcomes = by_target.setdefault(key, (prepared.config, []))
             error = future.exception()
-            if error is None:
-                sent.append((pk, future.result().seq))
-            else:
+            if error is not None:
                 logger.warning(
                     "fast-path publish failed; the relay will retry: %s",
                     error,
                     extra=_log_fields(prepared),
                 )
-                failed.append((pk, 1, f"{type(error).__name__}: {error}"))
-        for (_, using), (config, sent, failed) in by_target.items():
-            outbox.mark_sent(config, using=using, sent=sent)
-            if failed:
-                outbox.mark_failed(config, using=using, failed=failed)
+            # Attempt 1: the fast path is always a row's first try.
+            outcomes.append(Outcome(pk, 1, error if error is not None else future.result()))
+        for (_, using), (config, outcomes) in by_target.items():
+            OutboxStore(config, using=using).record(outcomes)
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Block until every submitted publish is recorded (tests, graceful shutdown)."""
