@@ -395,7 +395,8 @@ def publish_outbox_txn(count: int, interval: float = 0.004) -> dict[str, Any]:
     setup_django("alpha", "beta")
     from django.db import transaction
 
-    from jetstream_bridge.publisher import Publisher, fast_path
+    from jetstream_bridge.fast_path import fast_path
+    from jetstream_bridge.publisher import Publisher
 
     from .models import Order
 
@@ -677,7 +678,8 @@ def _produce(rate: float, total: int, warmup: int, index: int, barrier: Any, res
     """One producer process: ``total`` request-like transactions, ``rate`` per second."""
     from django.db import transaction
 
-    from jetstream_bridge.publisher import Publisher, fast_path
+    from jetstream_bridge.fast_path import fast_path
+    from jetstream_bridge.publisher import Publisher
 
     from .models import Order
 

@@ -30,9 +30,9 @@ from jetstream_bridge.connection import Connection
 from jetstream_bridge.core.config import BridgeConfig
 from jetstream_bridge.core.envelope import build_envelope
 from jetstream_bridge.core.errors import NatsError
+from jetstream_bridge.fast_path import fast_path
 from jetstream_bridge.models import OutboxEvent, OutboxStatus
 from jetstream_bridge.outbox import ClaimedRow, LeaseFieldsMissing, OutboxStore
-from jetstream_bridge.publisher import fast_path
 from jetstream_bridge.relay import Relay
 from jetstream_bridge.runtime import reset_runtime
 from jetstream_bridge.testing.server import NatsServer
