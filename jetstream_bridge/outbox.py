@@ -7,7 +7,6 @@ paths); the relay and the fast path call it from threads, never from the event l
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import Iterable, Sequence
@@ -33,7 +32,7 @@ from .outbox_rows import (
     readable,
     row_columns,
 )
-from .sql import RawJson, case_by_pk, insert_rows, postgresql
+from .sql import case_by_pk, insert_rows, postgresql
 
 logger = logging.getLogger(__name__)
 
@@ -105,21 +104,7 @@ class OutboxStore:
         ``Model.objects.create()``: a custom model's field defaults apply, its ``save()`` and
         model signals do not run.
         """
-        envelope = event.envelope
-        values = {
-            "event_id": event.event_id,
-            "subject": event.subject,
-            "payload": RawJson(
-                event.encoded if event.encoded is not None else json.dumps(envelope)
-            ),
-            "headers": event.headers,
-            "resource_type": envelope.get("resource_type") or "",
-            "resource_id": envelope.get("resource_id") or "",
-            "event_type": envelope.get("event_type") or "",
-            "status": OutboxStatus.PENDING,
-            "enqueued_at": timezone.now(),
-        }
-        row = {key: value for key, value in values.items() if key in self.names}
+        row = event.row_values(self.names)
         if not self.config.outbox_fast_path and self.vendor == "postgresql":
             # Delivered at commit (and dropped on rollback): wakes a LISTENing relay at once.
             postgresql.notify_outbox(connections[self.alias])
@@ -175,7 +160,9 @@ class OutboxStore:
             # rounds of publish timeouts), or a slow but live relay would be cut off.
             lease = max(self.config.relay_lease, 2 * self.config.request_timeout + 1.0)
             postgresql.relay_transaction_settings(connection, int(lease * 1000))
-        rows = self._for_update(self.due(now, after=after)).values_list(*row_columns(self.names))
+        rows = _for_update(self.due(now, after=after), self.alias).values_list(
+            *row_columns(self.names)
+        )
         return claimed_rows(list(rows[:limit]), self.names, counted=False)
 
     def claim(
@@ -213,20 +200,11 @@ class OutboxStore:
                 return token, claimed_rows(
                     list(leased.values_list(*columns)), self.names, counted=True
                 )
-            rows = list(self._for_update(queryset).values_list(*columns)[:limit])
+            rows = list(_for_update(queryset, self.alias).values_list(*columns)[:limit])
             if not rows:
                 return token, []
             self.manager.filter(pk__in=[row[0] for row in rows]).update(**update)
         return token, claimed_rows(rows, self.names, counted=False)
-
-    def _for_update(self, queryset: models.QuerySet[Any]) -> models.QuerySet[Any]:
-        """``SELECT ... FOR UPDATE`` of the outbox rows only, skipping locked ones if possible."""
-        features = connections[self.alias].features
-        lock: dict[str, Any] = {"skip_locked": features.has_select_for_update_skip_locked}
-        if features.has_select_for_update_of:
-            lock["of"] = ("self",)
-        locked: models.QuerySet[Any] = queryset.select_for_update(**lock)
-        return locked
 
     def has_older_unsent(self, pk: Any, resource_type: str, resource_id: str) -> bool:
         """Tell whether an earlier event of the same resource is still unsent (ordering)."""
@@ -277,7 +255,7 @@ class OutboxStore:
         values.update(dict.fromkeys(("last_error", *LEASE_FIELDS)))
         values = {key: value for key, value in values.items() if key in self.names}
         count = "attempts" if locked and "attempts" in self.names else None
-        fence = self._fence(token, locked, unclaimed=("<>", OutboxStatus.SENT))
+        fence = _fence(token, locked, unclaimed=("<>", OutboxStatus.SENT))
         if self.vendor == "postgresql":
             seq = "stream_seq" if "stream_seq" in self.names else None
             update = postgresql.SentUpdate(pairs, values, seq, count, fence)
@@ -287,7 +265,7 @@ class OutboxStore:
             values["stream_seq"] = case_by_pk(self.model, self.alias, "stream_seq", known)
         if count:
             values[count] = F(count) + 1
-        queryset = self._fenced(self.manager.filter(pk__in=[pk for pk, _ in pairs]), fence)
+        queryset = _fenced(self.manager.filter(pk__in=[pk for pk, _ in pairs]), fence)
         return int(queryset.update(**values))
 
     def mark_failed(
@@ -307,7 +285,7 @@ class OutboxStore:
         for pk, attempts, error in failed:
             delay = schedule[min(max(attempts, 1), len(schedule)) - 1]
             groups.setdefault((delay, error[:2000]), []).append(pk)
-        fence = self._fence(token, locked, unclaimed=("=", OutboxStatus.PENDING))
+        fence = _fence(token, locked, unclaimed=("=", OutboxStatus.PENDING))
         counted = token is None and "attempts" in self.names
         changed = 0
         for (delay, error), pks in groups.items():
@@ -320,32 +298,8 @@ class OutboxStore:
             values = {key: value for key, value in values.items() if key in self.names}
             if counted:
                 values["attempts"] = F("attempts") + 1
-            changed += int(self._fenced(self.manager.filter(pk__in=pks), fence).update(**values))
+            changed += int(_fenced(self.manager.filter(pk__in=pks), fence).update(**values))
         return changed
-
-    @staticmethod
-    def _fence(
-        token: str | None, locked: bool, *, unclaimed: tuple[str, Any]
-    ) -> tuple[str, str, Any] | None:
-        """``(field, operator, value)`` a recorded row must match; None under row locks."""
-        if locked:
-            return None
-        if token is not None:
-            return ("locked_by", "=", token)
-        return ("status", *unclaimed)
-
-    @staticmethod
-    def _fenced(
-        queryset: models.QuerySet[Any], fence: tuple[str, str, Any] | None
-    ) -> models.QuerySet[Any]:
-        if fence is None:
-            return queryset
-        name, operator, value = fence
-        match = {name: value}
-        fenced: models.QuerySet[Any] = (
-            queryset.filter(**match) if operator == "=" else queryset.exclude(**match)
-        )
-        return fenced
 
     # -- the admin, the relay command, health and metrics -------------------------------------
 
@@ -397,3 +351,38 @@ class OutboxStore:
             if oldest is not None:
                 oldest_age = (timezone.now() - oldest).total_seconds()
         return {"counts": counts, "oldest_unsent_age": oldest_age}
+
+
+def _for_update(queryset: models.QuerySet[Any], alias: str) -> models.QuerySet[Any]:
+    """``SELECT ... FOR UPDATE`` of the outbox rows only, skipping locked ones if possible."""
+    features = connections[alias].features
+    lock: dict[str, Any] = {"skip_locked": features.has_select_for_update_skip_locked}
+    if features.has_select_for_update_of:
+        lock["of"] = ("self",)
+    locked: models.QuerySet[Any] = queryset.select_for_update(**lock)
+    return locked
+
+
+def _fence(
+    token: str | None, locked: bool, *, unclaimed: tuple[str, Any]
+) -> tuple[str, str, Any] | None:
+    """``(field, operator, value)`` a recorded row must match; None under row locks."""
+    if locked:
+        return None
+    if token is not None:
+        return ("locked_by", "=", token)
+    return ("status", *unclaimed)
+
+
+def _fenced(
+    queryset: models.QuerySet[Any], fence: tuple[str, str, Any] | None
+) -> models.QuerySet[Any]:
+    """``queryset`` limited to the rows ``fence`` lets a writer record."""
+    if fence is None:
+        return queryset
+    name, operator, value = fence
+    match = {name: value}
+    fenced: models.QuerySet[Any] = (
+        queryset.filter(**match) if operator == "=" else queryset.exclude(**match)
+    )
+    return fenced

@@ -13,8 +13,11 @@ from typing import TYPE_CHECKING, Any
 from django.db import models
 from django.db.models import TextField
 from django.db.models.functions import Cast
+from django.utils import timezone
 
 from .core.envelope import MSG_ID_HEADER
+from .models import OutboxStatus
+from .sql import RawJson
 
 if TYPE_CHECKING:
     from .connection import PubAck
@@ -30,6 +33,22 @@ class NewEvent:
     headers: dict[str, str]  # without Nats-Msg-Id (the relay adds it from event_id)
     explicit_id: bool  # the caller chose the id, so it may repeat
     encoded: str | None = None  # the envelope's JSON when the caller has it already
+
+    def row_values(self, names: frozenset[str]) -> dict[str, Any]:
+        """The new row's values, for the fields a (possibly minimal) model has."""
+        envelope = self.envelope
+        values = {
+            "event_id": self.event_id,
+            "subject": self.subject,
+            "payload": RawJson(self.encoded if self.encoded is not None else json.dumps(envelope)),
+            "headers": self.headers,
+            "resource_type": envelope.get("resource_type") or "",
+            "resource_id": envelope.get("resource_id") or "",
+            "event_type": envelope.get("event_type") or "",
+            "status": OutboxStatus.PENDING,
+            "enqueued_at": timezone.now(),
+        }
+        return {key: value for key, value in values.items() if key in names}
 
 
 @dataclass(frozen=True)
