@@ -395,7 +395,8 @@ def publish_outbox_txn(count: int, interval: float = 0.004) -> dict[str, Any]:
     setup_django("alpha", "beta")
     from django.db import transaction
 
-    from jetstream_bridge.publisher import Publisher, fast_path
+    from jetstream_bridge.fast_path import fast_path
+    from jetstream_bridge.publisher import Publisher
 
     from .models import Order
 
@@ -439,15 +440,15 @@ def publish_outbox_txn(count: int, interval: float = 0.004) -> dict[str, Any]:
 
 
 def _outbox_insert_costs(count: int) -> tuple[float, float]:
-    """Median ms of the outbox row written by ``outbox.write_event`` (as ``publish()`` does),
+    """Median ms of the outbox row written by ``OutboxStore.write`` (as ``publish()`` does),
     and of the same row written by a hand-written INSERT (the floor); rolled back."""
     from django.db import connection, transaction
     from django.utils import timezone
 
-    from jetstream_bridge import outbox
     from jetstream_bridge.conf import get_config
+    from jetstream_bridge.outbox import NewEvent, OutboxStore
 
-    config = get_config()
+    store = OutboxStore(get_config())
     base = _envelope(0, PADDING)
     sql = (
         "INSERT INTO jetstream_outbox_events (event_id, subject, payload, headers, "
@@ -460,15 +461,7 @@ def _outbox_insert_costs(count: int) -> tuple[float, float]:
         for _ in range(count):
             envelope = {**base, "event_id": new_event_id()}
             started = time.perf_counter()
-            outbox.write_event(
-                config,
-                using=None,
-                event_id=envelope["event_id"],
-                subject=SUBJECT,
-                envelope=envelope,
-                headers={},
-                explicit_id=False,
-            )
+            store.write(NewEvent(envelope["event_id"], SUBJECT, envelope, {}, explicit_id=False))
             orm.append(time.perf_counter() - started)
             envelope = {**base, "event_id": new_event_id()}
             started = time.perf_counter()
@@ -511,16 +504,16 @@ def _fill_outbox(count: int) -> None:
 def _relay_process(barrier: Any, results: Any, workers: int) -> None:
     from django.core.management import call_command
 
-    from jetstream_bridge import outbox
+    from jetstream_bridge.outbox import OutboxStore
 
     # Where the relay's time goes: leasing rows and recording results; the rest is waiting
     # for publishes and the Python around them.
     from jetstream_bridge.relay import Relay
 
     timer = _Timer()
-    timer.wrap_sync(outbox, "claim_batch", "claim")  # SQLite: a lease per batch
-    timer.wrap_sync(outbox, "lock_batch", "claim")  # PostgreSQL: row locks, one transaction
-    timer.wrap_sync(outbox, "mark_sent", "record")
+    timer.wrap_sync(OutboxStore, "claim", "claim")  # SQLite: a lease per batch
+    timer.wrap_sync(OutboxStore, "lock", "claim")  # PostgreSQL: row locks, one transaction
+    timer.wrap_sync(OutboxStore, "mark_sent", "record")
     # Threads, each spending its own wall time in the phases.
     workers = Relay(workers=workers).workers
     barrier.wait()
@@ -685,7 +678,8 @@ def _produce(rate: float, total: int, warmup: int, index: int, barrier: Any, res
     """One producer process: ``total`` request-like transactions, ``rate`` per second."""
     from django.db import transaction
 
-    from jetstream_bridge.publisher import Publisher, fast_path
+    from jetstream_bridge.fast_path import fast_path
+    from jetstream_bridge.publisher import Publisher
 
     from .models import Order
 

@@ -43,7 +43,7 @@ from django.contrib import admin, messages
 from django.contrib.admin.utils import quote, unquote
 from django.core.exceptions import PermissionDenied
 from django.db import DatabaseError, models
-from django.db.models import Q, QuerySet
+from django.db.models import QuerySet
 from django.http import (
     Http404,
     HttpRequest,
@@ -62,20 +62,20 @@ from django.utils.text import Truncator
 from . import health
 from .conf import get_config
 from .connection import scrub
+from .core.config import BridgeConfig
 from .core.durations import format_age
 from .core.errors import NatsError
 from .exceptions import ConfigurationError
 from .handlers import Handler
 from .inbox import inbox_model
 from .models import (
-    UNSENT,
     InboxEvent,
     InboxStatus,
     OutboxEvent,
     OutboxStatus,
     field_names,
-    only_fields,
 )
+from .outbox import OutboxStore
 from .processing import BatchProcessor, Verdict
 from .relay import Relay
 from .runtime import get_runtime
@@ -317,28 +317,11 @@ class OutboxEventAdmin(EventAdmin):
     @admin.action(description="Retry publishing", permissions=["retry"])
     def retry_publishing(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
         """Make the selected unsent rows due now and publish them."""
-        now = timezone.now()
-        names = field_names(self.model)
-        retryable = Q(status__in=UNSENT)
-        if "locked_until" in names:
-            # A relay that died leaves rows "publishing" with a lapsed lease; a live lease
-            # means a relay is sending the row right now.
-            lapsed = Q(locked_until__lt=now) | Q(locked_until__isnull=True)
-            retryable |= Q(status=OutboxStatus.PUBLISHING) & lapsed
+        store = self._outbox_store(queryset.db)
         selected = queryset.count()
-        pks = list(queryset.filter(retryable).values_list("pk", flat=True))
-        values = only_fields(
-            self.model,
-            {
-                "status": OutboxStatus.PENDING,
-                "available_at": now,
-                "locked_by": None,
-                "locked_until": None,
-            },
-        )
-        manager = self.model._default_manager.db_manager(queryset.db)
-        # Filtered again: a relay may have claimed a row since it was read.
-        requeued = manager.filter(pk__in=pks).filter(retryable).update(**values)
+        requeue = store.requeue(queryset.values_list("pk", flat=True))
+        pks, requeued = requeue.pks, requeue.count
+        manager = store.manager
         skipped = selected - requeued
         if skipped:
             self.message_user(
@@ -391,6 +374,15 @@ class OutboxEventAdmin(EventAdmin):
         except concurrent.futures.TimeoutError:
             return "NATS did not answer in time."
         return None
+
+    def _outbox_store(self, using: str) -> OutboxStore:
+        """The store of this admin's model (a custom OUTBOX_MODEL has an admin of its own)."""
+        try:
+            config = get_config()
+        except ConfigurationError:
+            # Requeueing reads no settings; publishing after it says they are invalid.
+            config = BridgeConfig(nats_urls=(), env="", app_name="", destination_app="")
+        return OutboxStore(replace(config, outbox_model=self.model._meta.label), using=using)
 
     def _publish_due(self, using: str) -> str | None:
         """Drain what is due with the relay's code path; return an error to show, if any."""

@@ -266,10 +266,10 @@ async def _nats_job(
 def _outbox_backlog(config: BridgeConfig, using: str | None) -> OutboxBacklog | None:
     if not config.use_outbox:
         return None
-    from .outbox import backlog
+    from .outbox import OutboxStore
 
     try:
-        data = backlog(config, using=using)
+        data = OutboxStore(config, using=using).backlog()
     except DatabaseError as exc:
         first_line = (str(exc).strip().splitlines() or [""])[0]
         return OutboxBacklog({}, 0, None, error=scrub(f"{type(exc).__name__}: {first_line}"))

@@ -213,14 +213,15 @@ class BridgeCollector:
     def _outbox(config: BridgeConfig, gauges: _Gauges) -> None:
         if not config.use_outbox:
             return
-        from django.db import connections, router
+        from django.db import connections
 
-        from . import outbox
+        from .outbox import OutboxStore
 
-        alias = router.db_for_read(outbox.outbox_model(config))
+        store = OutboxStore(config)
+        alias = store.read_alias
         opened_here = connections[alias].connection is None
         try:
-            backlog = outbox.backlog(config, using=alias)
+            backlog = store.backlog()
         finally:
             if opened_here and not connections[alias].in_atomic_block:
                 # A scrape thread of its own must not keep a database connection open.

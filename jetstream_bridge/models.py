@@ -8,6 +8,7 @@ semantics on every backend, including MySQL, which has no partial indexes.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any, cast
 
@@ -32,17 +33,33 @@ class InboxStatus(models.TextChoices):
 UNSENT = (OutboxStatus.PENDING, OutboxStatus.FAILED)
 
 
+def outbox_due(now: datetime, names: Collection[str], *, any_time: bool = False) -> models.Q:
+    """The outbox rows a relay may take at ``now``: the one definition of "due".
+
+    A row is due when it is unsent and its retry time (``available_at``) has come, or when a
+    relay left it "publishing" and its lease (``locked_until``) lapsed or was never set: a
+    live lease means a relay is sending the row right now. ``names`` are the model's fields
+    (a custom model may lack these columns). With ``any_time`` (the admin's *Retry
+    publishing*), unsent rows count whatever their retry time.
+    """
+    unsent = models.Q(status__in=UNSENT)
+    if "available_at" in names and not any_time:
+        unsent &= models.Q(available_at__lte=now)
+    if "locked_until" not in names:
+        return unsent
+    lapsed = models.Q(locked_until__lt=now) | models.Q(locked_until__isnull=True)
+    return unsent | (models.Q(status=OutboxStatus.PUBLISHING) & lapsed)
+
+
 class OutboxQuerySet(models.QuerySet["OutboxEvent"]):
     def unsent(self) -> OutboxQuerySet:
         """Rows that still have to reach the stream."""
         return cast(OutboxQuerySet, self.filter(status__in=UNSENT))
 
     def due(self, now: datetime | None = None) -> OutboxQuerySet:
-        """Unsent rows whose retry time has come, plus rows whose relay lease expired."""
-        now = now or timezone.now()
-        due = models.Q(status__in=UNSENT, available_at__lte=now)
-        expired = models.Q(status=OutboxStatus.PUBLISHING, locked_until__lt=now)
-        return cast(OutboxQuerySet, self.filter(due | expired))
+        """Rows a relay may take now (``outbox_due``)."""
+        due = outbox_due(now or timezone.now(), field_names(self.model))
+        return cast(OutboxQuerySet, self.filter(due))
 
 
 class OutboxEvent(models.Model):

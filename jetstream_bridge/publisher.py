@@ -1,35 +1,37 @@
 """Publish domain events: ``Publisher().publish(...)`` and ``await Publisher().publish_async(...)``.
 
-With the outbox on, the event row is written in the caller's transaction, so it exists if and
-only if the business data commits; after commit the fast path publishes it from the shared
-connection without blocking the caller, and ``jetstream_relay`` sends whatever the fast path
-could not. With the outbox off, a publish inside a transaction waits for the commit
-(``transaction.on_commit``) and a publish outside one is sent at once.
+The publisher prepares an event (envelope, validation, headers) and dispatches it. With the
+outbox on, the event row is written in the caller's transaction, so it exists if and only if
+the business data commits; after commit it is handed to the fast path (``fast_path``), which
+publishes it from the shared connection without blocking the caller, and ``jetstream_relay``
+sends whatever the fast path could not. With the outbox off, a publish inside a transaction
+waits for the commit (``transaction.on_commit``) and a publish outside one is sent at once.
+
+Everything that leaves the process goes through the current ``Sender``; ``use_sender()``
+replaces it for a block (the testing kit's ``capture_published`` records instead of sending).
 """
 
 from __future__ import annotations
 
-import atexit
 import concurrent.futures
 import functools
 import logging
-import os
-import queue
-import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 from asgiref.sync import sync_to_async
-from django.db import close_old_connections, transaction
+from django.db import transaction
 
-from . import metrics, outbox
+from . import fast_path, metrics
 from .conf import get_config
 from .connection import Connection, PubAck
 from .core.config import BridgeConfig
 from .core.envelope import MSG_ID_HEADER, build_envelope, encode
 from .core.errors import PayloadTooLarge
+from .outbox import NewEvent, OutboxStore
 from .runtime import get_runtime
 
 logger = logging.getLogger(__name__)
@@ -56,7 +58,13 @@ class PublishResult:
 
 
 @dataclass(frozen=True)
-class _Prepared:
+class PreparedEvent:
+    """An event built, validated and encoded, ready for the wire: what a ``Sender`` receives.
+
+    ``data`` are the exact bytes published (the encoded envelope) and ``headers`` include
+    ``Nats-Msg-Id``. ``explicit_id`` says the caller chose the event id (so it may repeat).
+    """
+
     config: BridgeConfig
     envelope: dict[str, Any]
     data: bytes
@@ -68,17 +76,117 @@ class _Prepared:
     def event_id(self) -> str:
         return str(self.envelope["event_id"])
 
-    def result(self, status: Status, ack: PubAck | None = None) -> PublishResult:
-        if ack is not None and ack.duplicate:
-            status = "duplicate"
-        metrics.published(status)
-        return PublishResult(
-            self.event_id,
-            self.subject,
-            status,
-            ack.stream if ack else None,
-            ack.seq if ack else None,
+    def log_fields(self) -> dict[str, Any]:
+        """The fields every log line about this event carries (``extra=``)."""
+        return {
+            "event_id": self.event_id,
+            "subject": self.subject,
+            "event_type": self.envelope["event_type"],
+            "resource_type": self.envelope["resource_type"],
+        }
+
+    async def publish(self, conn: Connection) -> PubAck:
+        """Publish on ``conn`` and return the stream's ack."""
+        ack = await conn.publish(self.subject, self.data, self.headers)
+        logger.debug(
+            "event published",
+            extra={**self.log_fields(), "stream_seq": ack.seq, "duplicate": ack.duplicate},
         )
+        return ack
+
+
+class Sender(Protocol):
+    """Where prepared events go: the interface ``use_sender()`` takes.
+
+    The default (``NatsSender``) publishes to JetStream; the testing kit's ``Capture``
+    records instead. A sender is called from the publishing thread (``send``), its event loop
+    (``send_async``), or a commit hook (``after_commit``).
+    """
+
+    def send(self, event: PreparedEvent) -> PubAck:
+        """Publish now (no outbox, no transaction) and return the stream's ack."""
+
+    async def send_async(self, event: PreparedEvent) -> PubAck:
+        """Async twin of ``send``."""
+
+    def after_commit(self, event: PreparedEvent, using: str | None, pk: Any = None) -> None:
+        """Send an event whose transaction committed, without waiting for the ack.
+
+        ``pk`` is its outbox row, whose result must be recorded there; None without the
+        outbox.
+        """
+
+
+class NatsSender:
+    """Publish to JetStream on the shared connection (``runtime``): the default ``Sender``."""
+
+    def send(self, event: PreparedEvent) -> PubAck:
+        return get_runtime().call(event.publish)
+
+    async def send_async(self, event: PreparedEvent) -> PubAck:
+        return await get_runtime().run(event.publish)
+
+    def after_commit(self, event: PreparedEvent, using: str | None, pk: Any = None) -> None:
+        if pk is None:
+            _send_detached(event)
+        else:
+            fast_path.hand_off(event, using, pk)
+
+
+def _send_detached(event: PreparedEvent) -> None:
+    """Publish after commit without an outbox; a failure can only be logged now."""
+
+    def report(future: concurrent.futures.Future[PubAck]) -> None:
+        error = future.exception()
+        if error is not None:
+            logger.error(
+                "publish after commit failed; the event is lost because USE_OUTBOX is off: %s",
+                error,
+                extra=event.log_fields(),
+            )
+
+    get_runtime().submit(event.publish).add_done_callback(report)
+
+
+_sender: Sender = NatsSender()
+
+
+def current_sender() -> Sender:
+    """The sender publishes go through now."""
+    return _sender
+
+
+AnySender = TypeVar("AnySender", bound=Sender)
+
+
+@contextmanager
+def use_sender(sender: AnySender) -> Iterator[AnySender]:
+    """Send every event published in the block through ``sender``, then restore the previous.
+
+    The sender in use when an event is published is also the one that sends it after its
+    transaction commits, even when that happens after the block. Process-wide, not per
+    thread: threads and commit hooks of the block see it too.
+    """
+    global _sender
+    previous, _sender = _sender, sender
+    try:
+        yield sender
+    finally:
+        _sender = previous
+
+
+@dataclass(frozen=True)
+class _Request:
+    """The fields a caller passed to ``publish``."""
+
+    resource_type: str
+    event_type: str
+    payload: Mapping[str, Any]
+    event_id: str | None
+    trace_id: str | None
+    occurred_at: datetime | str | None
+    resource_id: str | None
+    headers: Mapping[str, str] | None
 
 
 class Publisher:
@@ -89,46 +197,6 @@ class Publisher:
 
     def __init__(self, *, using: str | None = None) -> None:
         self.using = using
-
-    def _prepare(
-        self,
-        *,
-        resource_type: str,
-        event_type: str,
-        payload: Mapping[str, Any],
-        event_id: str | None,
-        trace_id: str | None,
-        occurred_at: datetime | str | None,
-        resource_id: str | None,
-        headers: Mapping[str, str] | None,
-    ) -> _Prepared:
-        config = get_config()
-        envelope = build_envelope(
-            producer=config.app_name,
-            resource_type=resource_type,
-            event_type=event_type,
-            payload=payload,
-            event_id=event_id,
-            trace_id=trace_id,
-            occurred_at=occurred_at,
-            resource_id=resource_id,
-        )
-        data = encode(envelope)
-        limit = get_runtime().max_payload or DEFAULT_MAX_PAYLOAD
-        if len(data) > limit:
-            raise PayloadTooLarge(
-                f"event {envelope['event_id']} is {len(data)} bytes; the server accepts at most "
-                f"{limit}. Publish a reference (an id or URL) instead of the whole document."
-            )
-        extra = {str(k): str(v) for k, v in (headers or {}).items()}
-        return _Prepared(
-            config,
-            envelope,
-            data,
-            {**extra, MSG_ID_HEADER: envelope["event_id"]},
-            config.subjects.publish,
-            explicit_id=event_id is not None,
-        )
 
     # -- sync ---------------------------------------------------------------------------------
 
@@ -145,57 +213,23 @@ class Publisher:
         headers: Mapping[str, str] | None = None,
     ) -> PublishResult:
         """Publish one event; raise ``InvalidEvent`` (nothing written) on bad input."""
-        prepared = self._prepare(
-            resource_type=resource_type,
-            event_type=event_type,
-            payload=payload,
-            event_id=event_id,
-            trace_id=trace_id,
-            occurred_at=occurred_at,
-            resource_id=resource_id,
-            headers=headers,
+        event = self._prepare(
+            _Request(
+                resource_type,
+                event_type,
+                payload,
+                event_id,
+                trace_id,
+                occurred_at,
+                resource_id,
+                headers,
+            )
         )
-        return self._dispatch(prepared)
-
-    def _dispatch(self, prepared: _Prepared) -> PublishResult:
-        if prepared.config.use_outbox:
-            return self._write_outbox(prepared)
-        if self._defer_until_commit(prepared):
-            return prepared.result("deferred")
-        ack = _sender.send(prepared)
-        return prepared.result("sent", ack)
-
-    def _defer_until_commit(self, prepared: _Prepared) -> bool:
-        """Inside a transaction, send on commit (never on rollback); tell whether it did."""
-        if not transaction.get_connection(self.using).in_atomic_block:
-            return False
-        transaction.on_commit(
-            functools.partial(_sender.after_commit, prepared, self.using), using=self.using
-        )
-        logger.debug("publish deferred until commit", extra=_log_fields(prepared))
-        return True
-
-    def _write_outbox(self, prepared: _Prepared) -> PublishResult:
-        config = prepared.config
-        pk, created = outbox.write_event(
-            config,
-            using=self.using,
-            event_id=prepared.event_id,
-            subject=prepared.subject,
-            envelope=prepared.envelope,
-            headers={k: v for k, v in prepared.headers.items() if k != MSG_ID_HEADER},
-            explicit_id=prepared.explicit_id,
-            encoded=prepared.data.decode(),  # the bytes the fast path publishes, stored as is
-        )
-        if not created:
-            logger.info("event already in the outbox", extra=_log_fields(prepared))
-            return prepared.result("duplicate")
-        logger.debug("event written to the outbox", extra=_log_fields(prepared))
-        # on_commit runs at once when not in a transaction (the row is already committed).
-        transaction.on_commit(
-            functools.partial(_sender.after_commit, prepared, self.using, pk), using=self.using
-        )
-        return prepared.result("queued")
+        if event.config.use_outbox:
+            return self._write_outbox(event)
+        if self._defer_until_commit(event):
+            return _result(event, "deferred")
+        return _result(event, "sent", _sender.send(event))
 
     # -- async --------------------------------------------------------------------------------
 
@@ -212,220 +246,98 @@ class Publisher:
         headers: Mapping[str, str] | None = None,
     ) -> PublishResult:
         """Async twin of ``publish``; database work runs in Django's sync thread."""
-        prepared = self._prepare(
-            resource_type=resource_type,
-            event_type=event_type,
-            payload=payload,
-            event_id=event_id,
-            trace_id=trace_id,
-            occurred_at=occurred_at,
-            resource_id=resource_id,
-            headers=headers,
-        )
-        if prepared.config.use_outbox:
-            return await sync_to_async(self._write_outbox)(prepared)
-
-        if await sync_to_async(self._defer_until_commit)(prepared):
-            return prepared.result("deferred")
-        ack = await _sender.send_async(prepared)
-        return prepared.result("sent", ack)
-
-
-def _log_fields(prepared: _Prepared) -> dict[str, Any]:
-    return {
-        "event_id": prepared.event_id,
-        "subject": prepared.subject,
-        "event_type": prepared.envelope["event_type"],
-        "resource_type": prepared.envelope["resource_type"],
-    }
-
-
-async def _send(conn: Connection, prepared: _Prepared) -> PubAck:
-    ack = await conn.publish(prepared.subject, prepared.data, prepared.headers)
-    logger.debug(
-        "event published",
-        extra={**_log_fields(prepared), "stream_seq": ack.seq, "duplicate": ack.duplicate},
-    )
-    return ack
-
-
-def _send_detached(prepared: _Prepared) -> None:
-    """Publish after commit without an outbox; a failure can only be logged now."""
-
-    def report(future: concurrent.futures.Future[PubAck]) -> None:
-        error = future.exception()
-        if error is not None:
-            logger.error(
-                "publish after commit failed; the event is lost because USE_OUTBOX is off: %s",
-                error,
-                extra=_log_fields(prepared),
+        event = self._prepare(
+            _Request(
+                resource_type,
+                event_type,
+                payload,
+                event_id,
+                trace_id,
+                occurred_at,
+                resource_id,
+                headers,
             )
+        )
+        if event.config.use_outbox:
+            return await sync_to_async(self._write_outbox)(event)
+        if await sync_to_async(self._defer_until_commit)(event):
+            return _result(event, "deferred")
+        return _result(event, "sent", await _sender.send_async(event))
 
-    get_runtime().submit(lambda conn: _send(conn, prepared)).add_done_callback(report)
-
-
-class Sender:
-    """Hand prepared events to JetStream.
-
-    The publisher reaches NATS only through the module's ``_sender``; the testing kit
-    (``jetstream_bridge.testing.capture``) swaps it for a recorder so users' tests need no broker.
-    """
-
-    def send(self, prepared: _Prepared) -> PubAck:
-        """Publish now and wait for the stream's ack."""
-        return get_runtime().call(lambda conn: _send(conn, prepared))
-
-    async def send_async(self, prepared: _Prepared) -> PubAck:
-        """Publish now and await the stream's ack."""
-        return await get_runtime().run(lambda conn: _send(conn, prepared))
-
-    def after_commit(self, prepared: _Prepared, using: str | None, pk: Any = None) -> None:
-        """Send a committed event: outbox row ``pk`` via the fast path, or (no row) detached."""
-        if pk is None:
-            _send_detached(prepared)
-        elif prepared.config.outbox_fast_path and not _held_for_order(prepared, using, pk):
-            fast_path().submit(prepared, using, pk)
-
-
-_sender = Sender()
-
-
-def _held_for_order(prepared: _Prepared, using: str | None, pk: Any) -> bool:
-    """With OUTBOX_ORDERING, leave a row to the relay while an earlier one of its resource waits.
-
-    The relay publishes a resource's rows strictly in order; the fast path must not overtake.
-    """
-    resource_id = prepared.envelope.get("resource_id")
-    if not (prepared.config.outbox_ordering and resource_id):
-        return False
-    held = outbox.has_older_unsent(
-        prepared.config,
-        using=using,
-        pk=pk,
-        resource_type=str(prepared.envelope["resource_type"]),
-        resource_id=str(resource_id),
-    )
-    if held:
-        logger.debug("fast path skipped to keep resource order", extra=_log_fields(prepared))
-    return held
-
-
-class FastPath:
-    """Publish committed outbox rows at once and record the results in bulk.
-
-    The publish runs on the runtime loop; a small worker thread turns finished publishes into
-    one UPDATE per drained batch. Anything it cannot do stays in the outbox for the relay.
-    """
-
-    def __init__(self) -> None:
-        self._results: queue.SimpleQueue[
-            tuple[_Prepared, str | None, Any, concurrent.futures.Future[PubAck]] | None
-        ]
-        self._results = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._idle = threading.Condition()
-        self._in_flight = 0
-
-    def submit(self, prepared: _Prepared, using: str | None, pk: Any) -> None:
-        with self._idle:
-            self._in_flight += 1
-        self._ensure_worker()
-        future = get_runtime().submit(lambda conn: _send(conn, prepared))
-        future.add_done_callback(lambda f: self._results.put((prepared, using, pk, f)))
-
-    def _ensure_worker(self) -> None:
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._work, daemon=True, name="jetstream-bridge-fast-path"
-                )
-                self._thread.start()
-
-    def _work(self) -> None:
-        while True:
-            item = self._results.get()
-            if item is None:
-                return
-            batch = [item]
-            while len(batch) < 1000:
-                try:
-                    more = self._results.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._results.put(None)
-                    break
-                batch.append(more)
-            try:
-                self._record(batch)
-            except Exception:
-                logger.exception("could not record fast-path results; the relay will resend")
-            finally:
-                if self._results.empty():
-                    # Idle: give the connection back unless CONN_MAX_AGE says to keep it, as
-                    # at the end of a request. Closing it unconditionally made every batch
-                    # at a steady rate open a new PostgreSQL session: at 300 commits/s that
-                    # took ~40% of this thread and 2 ms of CPU per publish (benchmarks/).
-                    close_old_connections()
-                with self._idle:
-                    self._in_flight -= len(batch)
-                    self._idle.notify_all()
+    # -- preparing and dispatching ------------------------------------------------------------
 
     @staticmethod
-    def _record(
-        batch: list[tuple[_Prepared, str | None, Any, concurrent.futures.Future[PubAck]]],
-    ) -> None:
-        by_target: dict[tuple[int, str | None], tuple[BridgeConfig, list[Any], list[Any]]] = {}
-        for prepared, using, pk, future in batch:
-            key = (id(prepared.config), using)
-            config, sent, failed = by_target.setdefault(key, (prepared.config, [], []))
-            error = future.exception()
-            if error is None:
-                sent.append((pk, future.result().seq))
-            else:
-                logger.warning(
-                    "fast-path publish failed; the relay will retry: %s",
-                    error,
-                    extra=_log_fields(prepared),
-                )
-                failed.append((pk, 1, f"{type(error).__name__}: {error}"))
-        for (_, using), (config, sent, failed) in by_target.items():
-            outbox.mark_sent(config, using=using, sent=sent)
-            if failed:
-                outbox.mark_failed(config, using=using, failed=failed)
+    def _prepare(request: _Request) -> PreparedEvent:
+        """Build, validate and encode the envelope; raise ``InvalidEvent``/``PayloadTooLarge``."""
+        config = get_config()
+        envelope = build_envelope(
+            producer=config.app_name,
+            resource_type=request.resource_type,
+            event_type=request.event_type,
+            payload=request.payload,
+            event_id=request.event_id,
+            trace_id=request.trace_id,
+            occurred_at=request.occurred_at,
+            resource_id=request.resource_id,
+        )
+        data = encode(envelope)
+        limit = get_runtime().max_payload or DEFAULT_MAX_PAYLOAD
+        if len(data) > limit:
+            raise PayloadTooLarge(
+                f"event {envelope['event_id']} is {len(data)} bytes; the server accepts at most "
+                f"{limit}. Publish a reference (an id or URL) instead of the whole document."
+            )
+        extra = {str(k): str(v) for k, v in (request.headers or {}).items()}
+        return PreparedEvent(
+            config,
+            envelope,
+            data,
+            {**extra, MSG_ID_HEADER: envelope["event_id"]},
+            config.subjects.publish,
+            explicit_id=request.event_id is not None,
+        )
 
-    def wait_idle(self, timeout: float = 10.0) -> bool:
-        """Block until every submitted publish is recorded (tests, graceful shutdown)."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+    def _defer_until_commit(self, event: PreparedEvent) -> bool:
+        """Inside a transaction, send on commit (never on rollback); tell whether it did."""
+        if not transaction.get_connection(self.using).in_atomic_block:
+            return False
+        transaction.on_commit(
+            functools.partial(_sender.after_commit, event, self.using), using=self.using
+        )
+        logger.debug("publish deferred until commit", extra=event.log_fields())
+        return True
+
+    def _write_outbox(self, event: PreparedEvent) -> PublishResult:
+        pk, created = OutboxStore(event.config, using=self.using).write(
+            NewEvent(
+                event.event_id,
+                event.subject,
+                event.envelope,
+                {k: v for k, v in event.headers.items() if k != MSG_ID_HEADER},
+                event.explicit_id,
+                encoded=event.data.decode(),  # the bytes the fast path publishes, stored as is
+            )
+        )
+        if not created:
+            logger.info("event already in the outbox", extra=event.log_fields())
+            return _result(event, "duplicate")
+        logger.debug("event written to the outbox", extra=event.log_fields())
+        # on_commit runs at once when not in a transaction (the row is already committed).
+        transaction.on_commit(
+            functools.partial(_sender.after_commit, event, self.using, pk), using=self.using
+        )
+        return _result(event, "queued")
 
 
-_fast_path: FastPath | None = None
-_fast_path_lock = threading.Lock()
-
-
-def fast_path() -> FastPath:
-    global _fast_path
-    if _fast_path is None:
-        with _fast_path_lock:
-            if _fast_path is None:
-                _fast_path = FastPath()
-    return _fast_path
-
-
-@atexit.register
-def _flush_fast_path_at_exit() -> None:
-    # A short-lived process (a management command, a script) must not exit with publishes
-    # in flight; what still fails here is left pending for the relay.
-    if _fast_path is not None and not _fast_path.wait_idle(timeout=5.0):
-        logger.warning("exiting with fast-path publishes unrecorded; the relay will send them")
-
-
-def _forget_fast_path() -> None:
-    global _fast_path, _fast_path_lock
-    _fast_path, _fast_path_lock = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_fast_path)
+def _result(event: PreparedEvent, status: Status, ack: PubAck | None = None) -> PublishResult:
+    """The caller's ``PublishResult``, counted in the ``published`` metric."""
+    if ack is not None and ack.duplicate:
+        status = "duplicate"
+    metrics.published(status)
+    return PublishResult(
+        event.event_id,
+        event.subject,
+        status,
+        ack.stream if ack else None,
+        ack.seq if ack else None,
+    )

@@ -1,7 +1,7 @@
 """The relay: publish what the fast path did not, from any number of processes at once.
 
 On databases with ``SKIP LOCKED`` (PostgreSQL, MySQL 8, MariaDB 10.6) each round is one
-transaction: lock a batch of due rows (``outbox.lock_batch``), publish it pipelined on the
+transaction: lock a batch of due rows (``OutboxStore.lock``), publish it pipelined on the
 shared connection, record the results, commit. Other relays skip the locked rows. A relay
 that dies rolls back and its rows are due again at once; one that stalls is cut off by
 PostgreSQL after ``RELAY_LEASE`` idle in the transaction. ``workers`` rounds run at once (each
@@ -9,7 +9,7 @@ thread with its own database connection), so one batch's publishing overlaps ano
 database work.
 
 On SQLite, whose one write lock cannot be held while publishing, a round leases its batch
-instead (``outbox.claim_batch``), publishes after that commit, and records the results fenced
+instead (``OutboxStore.claim``), publishes after that commit, and records the results fenced
 on the lease; claiming the next batch overlaps the previous batch's publishes. A relay that dies
 leaves its rows leased until the lease expires.
 
@@ -26,14 +26,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import close_old_connections, connections, router, transaction
+from django.db import close_old_connections, connections, transaction
 
-from . import metrics, outbox
+from . import metrics
 from .conf import get_config
 from .connection import Connection, PubAck
 from .core.config import BridgeConfig
 from .core.errors import NatsError
+from .outbox import ClaimedRow, OutboxStore, Outcome
 from .runtime import get_runtime
+from .sql import postgresql
 
 logger = logging.getLogger(__name__)
 
@@ -86,13 +88,12 @@ class PgNotifyWaker(PollWaker):
         import psycopg
 
         conn = psycopg.connect(**self.params, autocommit=True)
-        conn.execute(f"LISTEN {outbox.NOTIFY_CHANNEL}")
+        postgresql.listen_outbox(conn)
         return conn
 
     def verify(self, timeout: float = 2.0) -> bool:
         """Send a notification through Django's own connection and wait for it here."""
-        with connections[self.alias].cursor() as cursor:
-            cursor.execute("SELECT pg_notify(%s, 'probe')", [outbox.NOTIFY_CHANNEL])
+        postgresql.notify_outbox(connections[self.alias], "probe")
         if not connections[self.alias].get_autocommit():
             connections[self.alias].commit()
         return any(True for _ in self.conn.notifies(timeout=timeout, stop_after=1))
@@ -130,7 +131,7 @@ class PgNotifyWaker(PollWaker):
                 logger.debug("closing the LISTEN connection failed", exc_info=True)
 
 
-def _results(future: concurrent.futures.Future[Results], rows: list[outbox.ClaimedRow]) -> Results:
+def _results(future: concurrent.futures.Future[Results], rows: list[ClaimedRow]) -> Results:
     """The batch's per-row results; a batch that never reached the server failed as a whole."""
     try:
         return future.result()
@@ -157,10 +158,11 @@ class Relay:
         config: BridgeConfig | None = None,
     ) -> None:
         self.config = config or get_config()
-        self.using = using or router.db_for_write(outbox.outbox_model(self.config))
+        self.store = OutboxStore(self.config, using=using)
+        self.using = self.store.alias
         self.batch_size = batch_size or self.config.relay_batch_size
         self.max_in_flight = max_in_flight
-        self.locking = outbox.can_lock_rows(self.config, self.using)
+        self.locking = self.store.can_lock_rows
         # Leasing rounds already overlap publishing with the next claim in one thread.
         self.workers = max(1, workers) if self.locking else 1
         self.stop = threading.Event()
@@ -168,7 +170,7 @@ class Relay:
         self._stats_lock = threading.Lock()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
-    def _publish(self, rows: list[outbox.ClaimedRow]) -> concurrent.futures.Future[Results]:
+    def _publish(self, rows: list[ClaimedRow]) -> concurrent.futures.Future[Results]:
         items = [(row.subject, row.body, row.headers) for row in rows]
 
         async def job(conn: Connection) -> Results:
@@ -189,32 +191,24 @@ class Relay:
             return exc
         return None
 
-    def _record(self, token: str | None, rows: list[outbox.ClaimedRow], results: Results) -> None:
+    def _record(self, token: str | None, rows: list[ClaimedRow], results: Results) -> None:
         """Record a batch's results: fenced on the lease ``token``, or (None) on held locks."""
-        fence: dict[str, Any] = {"token": token} if token is not None else {"locked": True}
-        sent, failed = [], []
-        for row, result in zip(rows, results, strict=True):
-            if isinstance(result, Exception):
-                failed.append((row.pk, row.attempts, f"{type(result).__name__}: {result}"))
-            else:
-                sent.append((row.pk, result.seq))
-        recorded = outbox.mark_sent(self.config, using=self.using, sent=sent, **fence)
-        if recorded < len(sent):
-            # Our lease expired and another relay took these rows; it will record them.
-            logger.warning("lease lost before recording", extra={"rows": len(sent) - recorded})
-        if failed:
-            outbox.mark_failed(self.config, using=self.using, failed=failed, **fence)
+        outcomes = [
+            Outcome(row.pk, row.attempts, result) for row, result in zip(rows, results, strict=True)
+        ]
+        recorded = self.store.record(outcomes, token=token, locked=token is None)
+        if recorded.failed:
             logger.warning(
                 "relay publish failed for %d row(s): %s",
-                len(failed),
-                failed[0][2],
-                extra={"failed": len(failed)},
+                recorded.failed,
+                recorded.first_error,
+                extra={"failed": recorded.failed},
             )
         with self._stats_lock:
-            self.stats.sent += recorded
-            self.stats.failed += len(failed)
+            self.stats.sent += recorded.sent
+            self.stats.failed += recorded.failed
             self.stats.batches += 1
-        metrics.relayed(recorded, len(failed))
+        metrics.relayed(recorded.sent, recorded.failed)
 
     def drain(self) -> int:
         """Publish everything due now; return how many rows were claimed."""
@@ -240,9 +234,7 @@ class Relay:
             # Connect before taking any lock: a first connect may take CONNECT_TIMEOUT.
             unreachable = self._unreachable()
             with transaction.atomic(using=self.using):
-                rows = outbox.lock_batch(
-                    self.config, using=self.using, limit=self.batch_size, after=after
-                )
+                rows = self.store.lock(self.batch_size, after=after)
                 if rows:
                     results: Results = (
                         [unreachable] * len(rows)
@@ -263,7 +255,7 @@ class Relay:
 
     def _drain_leased(self) -> int:
         claimed = 0
-        pending: tuple[str, list[outbox.ClaimedRow], concurrent.futures.Future[Results]] | None
+        pending: tuple[str, list[ClaimedRow], concurrent.futures.Future[Results]] | None
         pending = None
         # Claims start past the last key this drain claimed. From the start, PostgreSQL walks
         # the primary key past every row already sent (the claim orders by key): with a
@@ -271,9 +263,7 @@ class Relay:
         after: Any = None
         try:
             while not self.stop.is_set():
-                token, rows = outbox.claim_batch(
-                    self.config, using=self.using, limit=self.batch_size, after=after
-                )
+                token, rows = self.store.claim(self.batch_size, after=after)
                 recorded = pending is not None
                 if pending is not None:
                     self._record(pending[0], pending[1], _results(pending[2], pending[1]))

@@ -30,8 +30,8 @@ from typing import Any
 
 from django.db import connections
 
-from .. import publisher
 from ..connection import PubAck
+from ..publisher import PreparedEvent, Sender, use_sender
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class CapturedMessage:
     data: bytes
 
 
-class Capture(publisher.Sender):
+class Capture(Sender):
     """Record sends instead of publishing them; the assertion helpers read the record.
 
     Like the stream, it drops a second message with an ``event_id`` it already holds (the
@@ -57,30 +57,28 @@ class Capture(publisher.Sender):
 
     # -- the Sender side (called by the publisher) --------------------------------------------
 
-    def _record(self, prepared: publisher._Prepared) -> PubAck:
+    def _record(self, event: PreparedEvent) -> PubAck:
         with self._lock:
-            duplicate = any(m.envelope["event_id"] == prepared.event_id for m in self._messages)
+            duplicate = any(m.envelope["event_id"] == event.event_id for m in self._messages)
             if not duplicate:
                 self._messages.append(
                     CapturedMessage(
-                        prepared.subject,
-                        json.loads(prepared.data),
-                        dict(prepared.headers),
-                        prepared.data,
+                        event.subject,
+                        json.loads(event.data),
+                        dict(event.headers),
+                        event.data,
                     )
                 )
-            return PubAck(prepared.config.stream_name, len(self._messages), duplicate)
+            return PubAck(event.config.stream_name, len(self._messages), duplicate)
 
-    def send(self, prepared: publisher._Prepared) -> PubAck:
-        return self._record(prepared)
+    def send(self, event: PreparedEvent) -> PubAck:
+        return self._record(event)
 
-    async def send_async(self, prepared: publisher._Prepared) -> PubAck:
-        return self._record(prepared)
+    async def send_async(self, event: PreparedEvent) -> PubAck:
+        return self._record(event)
 
-    def after_commit(
-        self, prepared: publisher._Prepared, using: str | None, pk: Any = None
-    ) -> None:
-        self._record(prepared)
+    def after_commit(self, event: PreparedEvent, using: str | None, pk: Any = None) -> None:
+        self._record(event)
 
     # -- the test side ------------------------------------------------------------------------
 
@@ -205,10 +203,5 @@ def _contains(actual: Any, expected: Mapping[str, Any]) -> bool:
 @contextmanager
 def capture_published() -> Iterator[Capture]:
     """Capture every publish made while the block runs (commits after it are captured too)."""
-    capture = Capture()
-    previous = publisher._sender
-    publisher._sender = capture
-    try:
+    with use_sender(Capture()) as capture:
         yield capture
-    finally:
-        publisher._sender = previous

@@ -25,7 +25,7 @@ from django.db import transaction
 
 from jetstream_bridge import Publisher, ensure_topology
 from jetstream_bridge.models import OutboxEvent
-from jetstream_bridge.publisher import fast_path
+from jetstream_bridge.fast_path import fast_path
 
 
 def place_order(number):

@@ -16,13 +16,14 @@ from django.db import transaction
 from django.test import RequestFactory
 from prometheus_client import REGISTRY, generate_latest
 
-from jetstream_bridge import Publisher, metrics, outbox
+from jetstream_bridge import Publisher, metrics
 from jetstream_bridge.conf import get_config
 from jetstream_bridge.consumer import Consumer
 from jetstream_bridge.core import dlq
 from jetstream_bridge.core.config import BridgeConfig
 from jetstream_bridge.core.envelope import build_envelope, encode
 from jetstream_bridge.core.errors import NatsError
+from jetstream_bridge.outbox import NewEvent, OutboxStore
 from jetstream_bridge.relay import Relay
 from jetstream_bridge.runtime import reset_runtime
 from jetstream_bridge.topology import ensure_topology
@@ -84,16 +85,16 @@ def test_metrics__publish_and_relay_move_the_counters_and_the_backlog_gauges(
     for number in range(3):
         publish_order(number)
     # A row no stream captures: the relay's publish of it fails.
-    outbox.write_event(
-        bridge,
-        using=None,
-        event_id="stray-1",
-        subject="nowhere.at.all",
-        envelope=build_envelope(
-            producer="alpha", resource_type="order", event_type="lost", payload={}
-        ),
-        headers={},
-        explicit_id=True,
+    OutboxStore(bridge).write(
+        NewEvent(
+            event_id="stray-1",
+            subject="nowhere.at.all",
+            envelope=build_envelope(
+                producer="alpha", resource_type="order", event_type="lost", payload={}
+            ),
+            headers={},
+            explicit_id=True,
+        )
     )
 
     assert count("jetstream_bridge_published_total", status="queued") - queued == 3

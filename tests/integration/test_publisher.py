@@ -12,8 +12,8 @@ from django.test import override_settings
 
 from jetstream_bridge import Publisher
 from jetstream_bridge.core.errors import InvalidEvent, PayloadTooLarge
+from jetstream_bridge.fast_path import fast_path
 from jetstream_bridge.models import OutboxEvent
-from jetstream_bridge.publisher import fast_path
 from jetstream_bridge.topology import ensure_topology
 from tests.helpers import stream_messages
 

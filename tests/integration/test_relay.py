@@ -24,14 +24,15 @@ from django.db import DatabaseError, connection, connections, transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from jetstream_bridge import Publisher, outbox
+from jetstream_bridge import Publisher
 from jetstream_bridge.conf import get_config
 from jetstream_bridge.connection import Connection
 from jetstream_bridge.core.config import BridgeConfig
 from jetstream_bridge.core.envelope import build_envelope
 from jetstream_bridge.core.errors import NatsError
+from jetstream_bridge.fast_path import fast_path
 from jetstream_bridge.models import OutboxEvent, OutboxStatus
-from jetstream_bridge.publisher import fast_path
+from jetstream_bridge.outbox import ClaimedRow, LeaseFieldsMissing, OutboxStore
 from jetstream_bridge.relay import Relay
 from jetstream_bridge.runtime import reset_runtime
 from jetstream_bridge.testing.server import NatsServer
@@ -241,7 +242,7 @@ def test_relay__reclaims_expired_lease(bridge: BridgeConfig, settings: Any) -> N
     config = configure(settings, RELAY_LEASE="2s")
     write_backlog(config, 50)
     # A relay claims a batch and publishes it, then dies before recording anything.
-    token, claimed = outbox.claim_batch(config, using=None, limit=100)
+    token, claimed = OutboxStore(config).claim(100)
     assert len(claimed) == 50
     acks = nats(lambda c: c.publish_many([(row.subject, row.body, row.headers) for row in claimed]))
     original_seq = {row.pk: ack.seq for row, ack in zip(claimed, acks, strict=True)}
@@ -260,9 +261,9 @@ def test_relay__reclaims_expired_lease(bridge: BridgeConfig, settings: Any) -> N
 
     # Should the dead relay wake up, its lost lease fences off its late results.
     late = [(row.pk, 999_999) for row in claimed]
-    assert outbox.mark_sent(config, using=None, sent=late, token=token) == 0
+    assert OutboxStore(config).mark_sent(late, token=token) == 0
     late_failures = [(row.pk, 1, "late") for row in claimed]
-    assert outbox.mark_failed(config, using=None, failed=late_failures, token=token) == 0
+    assert OutboxStore(config).mark_failed(late_failures, token=token) == 0
     assert set(OutboxEvent.objects.values_list("stream_seq", flat=True)) == set(
         original_seq.values()
     )
@@ -319,7 +320,7 @@ def test_relay__a_relay_stalled_holding_row_locks_is_cut_off_after_the_lease(
         # Locks a batch, then hangs (a stopped process, a network that never answers).
         try:
             with transaction.atomic():
-                outcome["held"] = len(outbox.lock_batch(config, using=None, limit=100))
+                outcome["held"] = len(OutboxStore(config).lock(100))
                 locked.set()
                 release.wait(10)
                 OutboxEvent.objects.count()  # wakes up and carries on
@@ -360,12 +361,12 @@ def test_lock_batch__only_the_relays_own_transaction_skips_waiting_for_the_wal_f
             return str(cursor.fetchone()[0])
 
     with transaction.atomic():  # a relay round: its own transaction
-        assert len(outbox.lock_batch(bridge, using=None, limit=1)) == 1
+        assert len(OutboxStore(bridge).lock(1)) == 1
         assert synchronous_commit() == "off"
     assert synchronous_commit() == "on"  # set for that transaction only
     with transaction.atomic():  # a caller's transaction (the admin's, say) around a round
         with transaction.atomic():
-            assert len(outbox.lock_batch(bridge, using=None, limit=1)) == 1
+            assert len(OutboxStore(bridge).lock(1)) == 1
             assert synchronous_commit() == "on"
 
 
@@ -377,7 +378,7 @@ def test_relay__minimal_custom_outbox_model(bridge: BridgeConfig, settings: Any)
         Publisher().publish(resource_type="user", event_type="created", payload={"id": index})
     if not connection.features.has_select_for_update_skip_locked:
         # Leases need columns the model lacks; the error says which and what to add.
-        with pytest.raises(outbox.LeaseFieldsMissing, match="locked_by, locked_until"):
+        with pytest.raises(LeaseFieldsMissing, match="locked_by, locked_until"):
             Relay().run(once=True)
         return
     # Row locks need no extra columns: the three required ones are enough.
@@ -395,7 +396,7 @@ def test_relay__drain_sends_a_row_that_becomes_due_behind_its_cursor(bridge: Bri
     OutboxEvent.objects.filter(pk=first).update(status=OutboxStatus.FAILED, available_at=later)
 
     class LateRow(Relay):
-        def _record(self, token: str | None, rows: list[outbox.ClaimedRow], results: Any) -> None:
+        def _record(self, token: str | None, rows: list[ClaimedRow], results: Any) -> None:
             super()._record(token, rows, results)
             # Mid-drain, the lowest key becomes due (its retry backoff ends), behind the
             # keys this drain has already claimed past.

@@ -177,10 +177,10 @@ def test_capture__django_db_test_sees_events_through_captured_on_commit_callback
 
 
 def test_capture__restores_the_real_sender_on_exit() -> None:
-    real = publisher._sender
+    real = publisher.current_sender()
     with capture_published() as capture:
-        assert publisher._sender is capture
-    assert publisher._sender is real
+        assert publisher.current_sender() is capture
+    assert publisher.current_sender() is real
 
 
 @pytest.mark.django_db(transaction=True)

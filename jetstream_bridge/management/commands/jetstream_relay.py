@@ -6,7 +6,7 @@ from types import FrameType
 from typing import Any
 
 from ...core.durations import parse_duration
-from ...outbox import purge_sent
+from ...outbox import OutboxStore
 from ...relay import Relay
 from ..base import BridgeCommand
 
@@ -42,7 +42,8 @@ class Command(BridgeCommand):
             from ...conf import get_config
 
             age = parse_duration(options["purge_sent_after"])
-            deleted = purge_sent(get_config(), using=options["database"], older_than=age)
+            store = OutboxStore(get_config(), using=options["database"])
+            deleted = store.purge_sent(age)
             self.stdout.write(
                 f"purged {deleted} sent row(s) older than {options['purge_sent_after']}"
             )

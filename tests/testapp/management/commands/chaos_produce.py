@@ -15,7 +15,7 @@ from django.core.management.base import BaseCommand
 from django.db import DatabaseError, close_old_connections, connection, transaction
 
 from jetstream_bridge import Publisher
-from jetstream_bridge.publisher import fast_path
+from jetstream_bridge.fast_path import fast_path
 
 
 class Command(BaseCommand):

@@ -12,7 +12,9 @@ and model signals do not run, as with ``bulk_create``. A unique-key conflict rai
 
 ``array_literal`` writes a PostgreSQL array as one text parameter: psycopg adapts a Python
 list in Python, element by element, and a query with an ``IN`` list of hundreds of parameters
-is parsed again on every call.
+is parsed again on every call. ``case_by_pk`` sets a value per row in one UPDATE elsewhere.
+
+SQL that only one database runs lives in a module per vendor (``sql.postgresql``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from datetime import datetime
 from typing import Any
 
 from django.db import connections, models
+from django.db.models.expressions import RawSQL
 from django.db.models.fields import NOT_PROVIDED
 from django.utils import timezone
 
@@ -271,10 +274,29 @@ def array_literal(values: Iterable[Any]) -> str:
 def quoted_column(model: type[models.Model], alias: str, name: str) -> str:
     """The quoted column of ``model``'s field ``name`` (``"pk"``: its primary key) on ``alias``.
 
-    The only names the plain SQL here and in outbox.py and inbox.py interpolates.
+    The only names the plain SQL of this package, outbox.py and inbox.py interpolates.
     """
     field = model._meta.pk if name == "pk" else model._meta.get_field(name)
     column = getattr(field, "column", None)
     if not isinstance(column, str):
         raise TypeError(f"{model._meta.label}.{name} has no column")
     return str(connections[alias].ops.quote_name(column))
+
+
+def case_by_pk(
+    model: type[models.Model], alias: str, name: str, mapping: Sequence[tuple[Any, Any]]
+) -> RawSQL:
+    """``CASE pk WHEN .. THEN .. ELSE <name> END`` for an integer field, as raw SQL.
+
+    The ORM's ``Case(When(...))`` costs about 0.2 ms of Python per branch to build; a relay
+    batch of 500 rows spent ~100 ms there against ~10 ms in the database.
+    """
+    column = quoted_column(model, alias, name)
+    branches = " ".join(["WHEN %s THEN %s"] * len(mapping))
+    params = [value for pair in mapping for value in pair]
+    # Only quoted column names are interpolated; every value is a bound parameter.
+    return RawSQL(  # noqa: S611
+        f"CASE {quoted_column(model, alias, 'pk')} {branches} ELSE {column} END",
+        params,
+        output_field=models.BigIntegerField(),
+    )
