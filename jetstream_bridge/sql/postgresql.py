@@ -1,8 +1,9 @@
-"""The outbox's PostgreSQL-only statements: NOTIFY/LISTEN, a relay transaction's settings, and
-marking a batch sent with two array parameters.
+"""The PostgreSQL-only statements: the outbox's NOTIFY/LISTEN, a relay transaction's settings,
+marking a batch sent with two array parameters, and the inbox's lookup of seen messages.
 
-Each function takes the Django connection (or, for LISTEN, a psycopg connection of its own)
-and runs one statement; the callers decide when (``outbox.OutboxStore``, ``relay``).
+Each function takes the Django connection or alias (or, for LISTEN, a psycopg connection of its
+own) and runs one statement; the callers decide when (``outbox.OutboxStore``, ``relay``,
+``inbox.Inbox``).
 """
 
 from __future__ import annotations
@@ -107,3 +108,47 @@ def mark_sent(model: type[models.Model], alias: str, update: SentUpdate) -> int:
     with connection.cursor() as cursor:
         cursor.execute(sql, [*params, keys, seqs, *fence_params])
         return int(cursor.rowcount)
+
+
+@dataclass(frozen=True)
+class SeenQuery:
+    """Which inbox rows to look up: by event id, or by (stream, sequences)."""
+
+    ids: set[str]
+    by_stream: dict[str, list[int]]  # stream -> stream sequences
+    columns: list[str]  # the fields to return for each row
+    scope: dict[str, str]  # field -> value every row must have (the consumer's own rows)
+
+
+def inbox_seen(model: type[models.Model], alias: str, query: SeenQuery) -> list[dict[str, Any]]:
+    """Return the inbox rows matching ``query``, with arrays for the id and sequence lists.
+
+    Through the ORM, each ``IN`` list is a parameter per message: Django compiled and psycopg
+    parsed a new ~200-parameter statement for every batch (~9% of its time). With arrays the
+    query text stays constant.
+    """
+    connection = connections[alias]
+
+    def column(name: str) -> str:
+        return quoted_column(model, alias, name)
+
+    alternatives, params = [], []
+    if query.ids:
+        alternatives.append(f"{column('event_id')} = ANY(%s::text[])")
+        params.append(array_literal(sorted(query.ids)))
+    for stream, numbers in query.by_stream.items():
+        alternatives.append(
+            f"({column('stream')} = %s AND {column('stream_seq')} = ANY(%s::bigint[]))"
+        )
+        params += [stream, array_literal(numbers)]
+    where = f"({' OR '.join(alternatives)})"
+    for name, value in query.scope.items():
+        where = f"{column(name)} = %s AND {where}"
+        params.insert(0, value)
+    selected = ", ".join(column(name) for name in query.columns)
+    table = connection.ops.quote_name(model._meta.db_table)
+    # Only quoted column and table names are interpolated; every value is a parameter.
+    sql = f"SELECT {selected} FROM {table} WHERE {where}"  # noqa: S608
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return [dict(zip(query.columns, row, strict=True)) for row in cursor.fetchall()]
