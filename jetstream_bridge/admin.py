@@ -61,10 +61,10 @@ from django.utils.text import Truncator
 
 from . import health
 from .conf import get_config
-from .connection import scrub
 from .consumer import Consumer, Verdict
 from .core.durations import format_age
 from .core.errors import NatsError
+from .core.redaction import scrub
 from .exceptions import ConfigurationError
 from .handlers import Handler
 from .inbox import inbox_model

@@ -56,8 +56,8 @@ from django.db import (
 from django.db.transaction import TransactionManagementError
 
 from . import metrics
+from .broker import Connection, Delivery
 from .conf import get_config
-from .connection import Connection, Delivery
 from .core import dlq
 from .core.config import BridgeConfig
 from .core.envelope import decode
@@ -228,10 +228,10 @@ class Consumer:
             lambda conn: ensure_topology_async(conn, self.config, durable=self.durable)
         )
         self.stream = report.consumer_stream or self.config.stream_name
-        info = await runtime.run(lambda conn: conn.consumer_info(self.stream, self.durable))
+        info = await runtime.run(lambda conn: conn.jsm.consumer_info(self.stream, self.durable))
         if info:
             # The server may replace ack_wait (with backoff[0]); keep messages alive within it.
-            self._keepalive_every = max(0.2, info["config"]["ack_wait"] / 1e9 / 3)
+            self._keepalive_every = max(0.2, (info.config.ack_wait or 0.0) / 3)
 
     async def _ensure_quietly(self, runtime: Any) -> None:
         try:

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
+from .broker import Connection, StoredMessage
 from .conf import get_config
-from .connection import Connection, StoredMessage
 from .core import dlq as core_dlq
 from .core.config import BridgeConfig
 from .core.durations import format_age
@@ -205,7 +205,7 @@ class ReplayResult:
 
 async def find_stream(conn: Connection, config: BridgeConfig) -> str | None:
     """Return the stream that stores the DLQ subject (the bridge's own preferred)."""
-    names = await conn.stream_names(subject=config.subjects.dlq)
+    names = await conn.jsm.stream_names(subject=config.subjects.dlq)
     if config.stream_name in names:
         return config.stream_name
     return names[0] if names else None
@@ -215,12 +215,11 @@ async def depth_async(conn: Connection, config: BridgeConfig) -> Depth:
     """Count the messages on the DLQ subject without reading them."""
     subject = config.subjects.dlq
     stream = await find_stream(conn, config)
-    info = await conn.stream_info(stream, subjects_filter=subject) if stream else None
+    info = await conn.jsm.stream_info(stream, subjects_filter=subject) if stream else None
     if info is None:
         return Depth(subject=subject, stream=None, messages=0)
-    state = info["state"]
-    count = int((state.get("subjects") or {}).get(subject, 0))
-    return Depth(subject=subject, stream=stream, messages=count, last_seq=int(state["last_seq"]))
+    count = info.state.subjects.get(subject, 0)
+    return Depth(subject=subject, stream=stream, messages=count, last_seq=info.state.last_seq)
 
 
 async def _scan(
@@ -243,7 +242,7 @@ async def _scan(
     found: list[DeadLetterMessage] = []
     if selection.seqs:
         for seq in sorted(selection.seqs):
-            stored = await conn.get_message(stream, seq) if seq <= last else None
+            stored = await conn.jsm.get_message(stream, seq) if seq <= last else None
             if stored is not None and stored.subject == subject:
                 message = DeadLetterMessage.from_stored(stream, stored)
                 if selection.matches(message, now):
@@ -251,7 +250,7 @@ async def _scan(
         return depth, found[:limit] if limit is not None else found
     seq = 1
     while limit is None or len(found) < limit:
-        stored = await conn.next_message(stream, seq, subject)
+        stored = await conn.jsm.next_message(stream, seq, subject)
         if stored is None or stored.seq > last:
             break
         message = DeadLetterMessage.from_stored(stream, stored)
@@ -277,7 +276,7 @@ async def get_async(conn: Connection, config: BridgeConfig, seq: int) -> DeadLet
     stream = await find_stream(conn, config)
     if stream is None:
         return None
-    stored = await conn.get_message(stream, seq)
+    stored = await conn.jsm.get_message(stream, seq)
     if stored is None or stored.subject != config.subjects.dlq:
         return None
     return DeadLetterMessage.from_stored(stream, stored)
@@ -356,7 +355,7 @@ async def replay_async(
         )
         if not keep:
             try:
-                await conn.delete_message(message.stream, message.seq)
+                await conn.jsm.delete_message(message.stream, message.seq)
                 result.deleted += 1
             except JetStreamApiError as exc:  # deleted meanwhile by someone else
                 logger.info("dead letter %d already gone: %s", message.seq, exc)
@@ -393,13 +392,13 @@ async def purge_async(
         if depth.stream is None or depth.messages == 0:
             return 0
         last = depth.last_seq if upto_seq is None else min(upto_seq, depth.last_seq)
-        purged = await conn.purge_stream(depth.stream, depth.subject, before_seq=last + 1)
+        purged = await conn.jsm.purge_stream(depth.stream, depth.subject, before_seq=last + 1)
     else:
         _, messages = await _scan(conn, config, selection, upto_seq=upto_seq)
         purged = 0
         for message in messages:
             try:
-                await conn.delete_message(message.stream, message.seq)
+                await conn.jsm.delete_message(message.stream, message.seq)
                 purged += 1
             except JetStreamApiError as exc:
                 logger.info("dead letter %d already gone: %s", message.seq, exc)

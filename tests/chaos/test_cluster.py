@@ -32,7 +32,7 @@ NODE_KILLS = scaled(1, 3)
 
 def stream_cluster(stream: str) -> dict[str, Any]:
     try:
-        info = nats_call(lambda c: c.stream_info(stream), timeout=30)
+        info = nats_call(lambda c: c.jsm.stream_info(stream), timeout=30)
     except JetStreamBridgeError:
         return {}
     return dict((info or {}).get("cluster") or {})
