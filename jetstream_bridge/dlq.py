@@ -20,7 +20,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TypeVar
@@ -29,7 +29,6 @@ from .broker import Connection, StoredMessage
 from .conf import get_config
 from .core import dlq as core_dlq
 from .core.config import BridgeConfig
-from .core.durations import format_age
 from .core.envelope import MSG_ID_HEADER
 from .core.errors import JetStreamApiError, PublishFailed
 from .core.subjects import is_reserved, subject_problem
@@ -443,58 +442,3 @@ def count(selection: Selection | None = None) -> tuple[int, int]:
 def purge(selection: Selection | None = None, *, upto_seq: int | None = None) -> int:
     config = get_config()
     return _call(lambda conn: purge_async(conn, config, selection, upto_seq=upto_seq))
-
-
-# -- presentation (used by `manage.py jetstream_dlq`) -------------------------------------------
-
-
-def _shorten(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def rows(messages: Sequence[DeadLetterMessage], now: datetime | None = None) -> list[list[str]]:
-    """Return a header row and one row per dead letter, for a table."""
-    now = now or datetime.now(timezone.utc)
-    result = [["SEQ", "AGE", "REASON", "CONSUMER", "ORIGINAL SUBJECT", "EVENT ID", "ERROR"]]
-    for message in messages:
-        letter = message.letter
-        age = message.age(now)
-        error = f"{letter.error_class}: {letter.error_message}".strip(": ")
-        result.append(
-            [
-                str(message.seq),
-                format_age(age) if age is not None else "?",
-                letter.reason or "-",
-                letter.consumer or "-",
-                letter.original_subject or "-",
-                letter.event_id or "-",
-                _shorten(error or "-", 60),
-            ]
-        )
-    return result
-
-
-def describe(message: DeadLetterMessage, now: datetime | None = None) -> list[str]:
-    """Render one dead letter: where it is, every header, and the body."""
-    age = message.age(now)
-    lines = [
-        f"dead letter {message.seq} in stream {message.stream} ({message.subject})",
-        f"stored at {message.stored_at.isoformat() if message.stored_at else '?'}"
-        + (f" ({format_age(age)} ago)" if age is not None else ""),
-        "",
-        "headers:",
-    ]
-    width = max((len(name) for name in message.headers), default=0)
-    lines += [f"  {name.ljust(width)}  {value}" for name, value in sorted(message.headers.items())]
-    lines += ["", "body:", message.body_text()]
-    return lines
-
-
-def parse_seqs(values: Iterable[str | int] | None) -> frozenset[int]:
-    """Turn ``--seq`` values (repeatable, or comma-separated) into a set of sequences."""
-    seqs: set[int] = set()
-    for value in values or ():
-        for part in str(value).split(","):
-            if part.strip():
-                seqs.add(int(part))
-    return frozenset(seqs)
