@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import nats
 
-from jetstream_bridge.connection import Connection
+from jetstream_bridge.broker import Connection
 from jetstream_bridge.core.config import BridgeConfig, parse_config
 from jetstream_bridge.core.envelope import MSG_ID_HEADER, build_envelope, encode, new_event_id
 from jetstream_bridge.topology import ensure_topology_async
@@ -121,8 +121,8 @@ async def fresh_stream(config: BridgeConfig) -> str:
     conn = Connection(config)
     try:
         await conn.connect()
-        if await conn.stream_info(config.stream_name) is not None:
-            await conn.delete_stream(config.stream_name)
+        if await conn.jsm.stream_info(config.stream_name) is not None:
+            await conn.jsm.delete_stream(config.stream_name)
         await ensure_topology_async(conn, config)
     finally:
         await conn.close()
@@ -132,10 +132,10 @@ async def fresh_stream(config: BridgeConfig) -> str:
 async def stream_messages(config: BridgeConfig) -> int:
     conn = Connection(config)
     try:
-        info = await conn.stream_info(config.stream_name)
+        info = await conn.jsm.stream_info(config.stream_name)
     finally:
         await conn.close()
-    return int(info["state"]["messages"]) if info else 0
+    return info.state.messages if info else 0
 
 
 async def prefill(count: int) -> None:
@@ -662,7 +662,7 @@ async def _wait_for_consumer(config: BridgeConfig, durable: str, timeout: float 
     conn = Connection(config)
     try:
         deadline = time.monotonic() + timeout
-        while await conn.consumer_info(config.stream_name, durable) is None:
+        while await conn.jsm.consumer_info(config.stream_name, durable) is None:
             if time.monotonic() > deadline:
                 raise SystemExit(f"consumer {durable} did not start")
             await asyncio.sleep(0.05)
@@ -828,8 +828,8 @@ def rss(count: int, batch: int = 25, warm: int = 2000) -> dict[str, Any]:
         conn = Connection(config)
         try:
             while consumer.poll() is None:
-                info = await conn.consumer_info(config.stream_name, durable)
-                acked = int(info["ack_floor"]["stream_seq"]) if info else 0
+                info = await conn.jsm.consumer_info(config.stream_name, durable)
+                acked = info.ack_floor.stream_seq if info else 0
                 memory = _rss_mb(consumer.pid)
                 if memory is not None and consumer.poll() is None:
                     samples.append((acked, memory))

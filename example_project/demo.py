@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from jetstream_bridge.connection import Connection  # noqa: E402
+from jetstream_bridge.broker import Connection  # noqa: E402
 from jetstream_bridge.core import dlq  # noqa: E402
 from jetstream_bridge.core.config import parse_config  # noqa: E402
 from jetstream_bridge.testing.server import NatsServer  # noqa: E402
@@ -115,7 +115,9 @@ class Demo:
             try:
                 letters, seq = [], 1
                 while True:
-                    message = await conn.next_message(config.stream_name, seq, config.subjects.dlq)
+                    message = await conn.jsm.next_message(
+                        config.stream_name, seq, config.subjects.dlq
+                    )
                     if message is None:
                         return letters
                     letters.append(message.headers)

@@ -25,8 +25,8 @@ from asgiref.sync import sync_to_async
 from django.db import DatabaseError, close_old_connections, connections
 
 from . import metrics
+from .broker import Connection, Delivery
 from .conf import get_config
-from .connection import Connection, Delivery
 from .core import dlq
 from .core.config import BridgeConfig
 from .core.errors import ConsumerNotFound, NatsError
@@ -187,10 +187,10 @@ class Consumer:
             lambda conn: ensure_topology_async(conn, self.config, durable=self.durable)
         )
         self.stream = report.consumer_stream or self.config.stream_name
-        info = await runtime.run(lambda conn: conn.consumer_info(self.stream, self.durable))
+        info = await runtime.run(lambda conn: conn.jsm.consumer_info(self.stream, self.durable))
         if info:
             # The server may replace ack_wait (with backoff[0]); keep messages alive within it.
-            self._keepalive_every = max(0.2, info["config"]["ack_wait"] / 1e9 / 3)
+            self._keepalive_every = max(0.2, (info.config.ack_wait or 0.0) / 3)
 
     async def _ensure_quietly(self, runtime: Any) -> None:
         try:

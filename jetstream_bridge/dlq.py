@@ -20,16 +20,15 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
+from .broker import Connection, StoredMessage
 from .conf import get_config
-from .connection import Connection, StoredMessage
 from .core import dlq as core_dlq
 from .core.config import BridgeConfig
-from .core.durations import format_age
 from .core.envelope import MSG_ID_HEADER
 from .core.errors import JetStreamApiError, PublishFailed
 from .core.subjects import is_reserved, subject_problem
@@ -205,7 +204,7 @@ class ReplayResult:
 
 async def find_stream(conn: Connection, config: BridgeConfig) -> str | None:
     """Return the stream that stores the DLQ subject (the bridge's own preferred)."""
-    names = await conn.stream_names(subject=config.subjects.dlq)
+    names = await conn.jsm.stream_names(subject=config.subjects.dlq)
     if config.stream_name in names:
         return config.stream_name
     return names[0] if names else None
@@ -215,12 +214,11 @@ async def depth_async(conn: Connection, config: BridgeConfig) -> Depth:
     """Count the messages on the DLQ subject without reading them."""
     subject = config.subjects.dlq
     stream = await find_stream(conn, config)
-    info = await conn.stream_info(stream, subjects_filter=subject) if stream else None
+    info = await conn.jsm.stream_info(stream, subjects_filter=subject) if stream else None
     if info is None:
         return Depth(subject=subject, stream=None, messages=0)
-    state = info["state"]
-    count = int((state.get("subjects") or {}).get(subject, 0))
-    return Depth(subject=subject, stream=stream, messages=count, last_seq=int(state["last_seq"]))
+    count = info.state.subjects.get(subject, 0)
+    return Depth(subject=subject, stream=stream, messages=count, last_seq=info.state.last_seq)
 
 
 async def _scan(
@@ -243,7 +241,7 @@ async def _scan(
     found: list[DeadLetterMessage] = []
     if selection.seqs:
         for seq in sorted(selection.seqs):
-            stored = await conn.get_message(stream, seq) if seq <= last else None
+            stored = await conn.jsm.get_message(stream, seq) if seq <= last else None
             if stored is not None and stored.subject == subject:
                 message = DeadLetterMessage.from_stored(stream, stored)
                 if selection.matches(message, now):
@@ -251,7 +249,7 @@ async def _scan(
         return depth, found[:limit] if limit is not None else found
     seq = 1
     while limit is None or len(found) < limit:
-        stored = await conn.next_message(stream, seq, subject)
+        stored = await conn.jsm.next_message(stream, seq, subject)
         if stored is None or stored.seq > last:
             break
         message = DeadLetterMessage.from_stored(stream, stored)
@@ -277,7 +275,7 @@ async def get_async(conn: Connection, config: BridgeConfig, seq: int) -> DeadLet
     stream = await find_stream(conn, config)
     if stream is None:
         return None
-    stored = await conn.get_message(stream, seq)
+    stored = await conn.jsm.get_message(stream, seq)
     if stored is None or stored.subject != config.subjects.dlq:
         return None
     return DeadLetterMessage.from_stored(stream, stored)
@@ -356,7 +354,7 @@ async def replay_async(
         )
         if not keep:
             try:
-                await conn.delete_message(message.stream, message.seq)
+                await conn.jsm.delete_message(message.stream, message.seq)
                 result.deleted += 1
             except JetStreamApiError as exc:  # deleted meanwhile by someone else
                 logger.info("dead letter %d already gone: %s", message.seq, exc)
@@ -393,13 +391,13 @@ async def purge_async(
         if depth.stream is None or depth.messages == 0:
             return 0
         last = depth.last_seq if upto_seq is None else min(upto_seq, depth.last_seq)
-        purged = await conn.purge_stream(depth.stream, depth.subject, before_seq=last + 1)
+        purged = await conn.jsm.purge_stream(depth.stream, depth.subject, before_seq=last + 1)
     else:
         _, messages = await _scan(conn, config, selection, upto_seq=upto_seq)
         purged = 0
         for message in messages:
             try:
-                await conn.delete_message(message.stream, message.seq)
+                await conn.jsm.delete_message(message.stream, message.seq)
                 purged += 1
             except JetStreamApiError as exc:
                 logger.info("dead letter %d already gone: %s", message.seq, exc)
@@ -444,58 +442,3 @@ def count(selection: Selection | None = None) -> tuple[int, int]:
 def purge(selection: Selection | None = None, *, upto_seq: int | None = None) -> int:
     config = get_config()
     return _call(lambda conn: purge_async(conn, config, selection, upto_seq=upto_seq))
-
-
-# -- presentation (used by `manage.py jetstream_dlq`) -------------------------------------------
-
-
-def _shorten(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def rows(messages: Sequence[DeadLetterMessage], now: datetime | None = None) -> list[list[str]]:
-    """Return a header row and one row per dead letter, for a table."""
-    now = now or datetime.now(timezone.utc)
-    result = [["SEQ", "AGE", "REASON", "CONSUMER", "ORIGINAL SUBJECT", "EVENT ID", "ERROR"]]
-    for message in messages:
-        letter = message.letter
-        age = message.age(now)
-        error = f"{letter.error_class}: {letter.error_message}".strip(": ")
-        result.append(
-            [
-                str(message.seq),
-                format_age(age) if age is not None else "?",
-                letter.reason or "-",
-                letter.consumer or "-",
-                letter.original_subject or "-",
-                letter.event_id or "-",
-                _shorten(error or "-", 60),
-            ]
-        )
-    return result
-
-
-def describe(message: DeadLetterMessage, now: datetime | None = None) -> list[str]:
-    """Render one dead letter: where it is, every header, and the body."""
-    age = message.age(now)
-    lines = [
-        f"dead letter {message.seq} in stream {message.stream} ({message.subject})",
-        f"stored at {message.stored_at.isoformat() if message.stored_at else '?'}"
-        + (f" ({format_age(age)} ago)" if age is not None else ""),
-        "",
-        "headers:",
-    ]
-    width = max((len(name) for name in message.headers), default=0)
-    lines += [f"  {name.ljust(width)}  {value}" for name, value in sorted(message.headers.items())]
-    lines += ["", "body:", message.body_text()]
-    return lines
-
-
-def parse_seqs(values: Iterable[str | int] | None) -> frozenset[int]:
-    """Turn ``--seq`` values (repeatable, or comma-separated) into a set of sequences."""
-    seqs: set[int] = set()
-    for value in values or ():
-        for part in str(value).split(","):
-            if part.strip():
-                seqs.add(int(part))
-    return frozenset(seqs)

@@ -24,11 +24,12 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.db import DatabaseError
 
+from .broker import Connection, ConsumerInfo
 from .conf import get_config
-from .connection import Connection, scrub
 from .core.config import BridgeConfig
 from .core.durations import format_age, format_duration, parse_duration
 from .core.errors import AuthenticationFailed, NatsError, NatsUnavailable
+from .core.redaction import scrub
 from .core.subjects import collide, token_problem
 from .core.topology import desired_subjects
 from .dlq import Depth as DlqDepth
@@ -158,21 +159,17 @@ class _Facts:
     error: BaseException | None = None
 
 
-def _consumer_lag(stream: str, durable: str, info: dict[str, Any] | None) -> ConsumerLag:
+def _consumer_lag(stream: str, durable: str, info: ConsumerInfo | None) -> ConsumerLag:
     if info is None:
         return ConsumerLag(durable=durable, stream=stream, exists=False)
-    config = info.get("config") or {}
-    filters = tuple(config.get("filter_subjects") or ()) or (
-        (config["filter_subject"],) if config.get("filter_subject") else ()
-    )
     return ConsumerLag(
         durable=durable,
         stream=stream,
         exists=True,
-        filter_subjects=filters,
-        num_pending=int(info.get("num_pending", 0)),
-        num_ack_pending=int(info.get("num_ack_pending", 0)),
-        num_redelivered=int(info.get("num_redelivered", 0)),
+        filter_subjects=info.config.filters,
+        num_pending=info.num_pending,
+        num_ack_pending=info.num_ack_pending,
+        num_redelivered=info.num_redelivered,
     )
 
 
@@ -187,7 +184,7 @@ async def _probe(
     facts.server_version, facts.server_name = server.version, server.server_name
     facts.round_trip = await conn.round_trip()
     try:
-        await conn.api("INFO")
+        await conn.jsm.account_info()
     except NatsUnavailable:
         raise
     except NatsError as exc:
@@ -195,59 +192,70 @@ async def _probe(
         facts.error = exc
         return
     facts.jetstream = True
-
-    info = await conn.stream_info(config.stream_name)
-    if info is None:
-        facts.stream = StreamState(name=config.stream_name, exists=False)
+    await _probe_stream(conn, config, facts)
+    consumer_stream = facts.subjects.get(config.subjects.subscribe)
+    if consumer_stream is None:
+        _no_consumer_stream(config, durables, facts)
+    elif durables:
+        await _probe_durables(conn, consumer_stream, durables, facts)
     else:
-        state = info.get("state") or {}
-        facts.stream = StreamState(
-            name=config.stream_name,
-            exists=True,
-            subjects=tuple(info["config"].get("subjects") or ()),
-            messages=int(state.get("messages", 0)),
-            bytes=int(state.get("bytes", 0)),
-            consumer_count=int(state.get("consumer_count", 0)),
-        )
+        await _probe_readers(conn, consumer_stream, config.subjects.subscribe, facts)
+    if config.use_dlq:
+        facts.dlq = await dlq_depth_async(conn, config)
+
+
+async def _probe_stream(conn: Connection, config: BridgeConfig, facts: _Facts) -> None:
+    """Read the stream and which stream stores each subject the bridge uses."""
+    info = await conn.jsm.stream_info(config.stream_name)
+    facts.stream = StreamState(
+        name=config.stream_name,
+        exists=info is not None,
+        subjects=info.config.subjects if info else (),
+        messages=info.state.messages if info else 0,
+        bytes=info.state.bytes if info else 0,
+        consumer_count=info.state.consumer_count if info else 0,
+    )
     for subject in desired_subjects(config):
-        names = await conn.stream_names(subject=subject)
+        names = await conn.jsm.stream_names(subject=subject)
         owner = config.stream_name if config.stream_name in names else next(iter(names), None)
         facts.subjects[subject] = owner
     missing = [subject for subject, owner in facts.subjects.items() if owner is None]
-    if missing and not facts.stream.exists:
+    if missing and info is None:
         facts.problems.append(f"stream {config.stream_name} does not exist; {ENSURE_HINT}")
     elif missing:
         facts.problems.append(f"no stream stores {', '.join(missing)}; {ENSURE_HINT}")
 
-    subscribe = config.subjects.subscribe
-    consumer_stream = facts.subjects.get(subscribe)
-    if consumer_stream is None:
-        for durable in durables:
-            facts.consumers.append(ConsumerLag(durable=durable, stream="", exists=False))
-            facts.problems.append(f"consumer {durable} cannot exist: no stream stores {subscribe}")
-    elif durables:
-        for durable in durables:
-            lag = _consumer_lag(
-                consumer_stream, durable, await conn.consumer_info(consumer_stream, durable)
-            )
-            facts.consumers.append(lag)
-            if not lag.exists:
-                facts.problems.append(
-                    f"consumer {durable} does not exist on stream {consumer_stream}"
-                )
-    else:
-        # Every durable that reads this app's subject; the shared stream also holds other
-        # apps' consumers, whose lag is theirs to watch.
-        for name in sorted(await conn.consumer_names(consumer_stream)):
-            info = await conn.consumer_info(consumer_stream, name)
-            if info is None or not (info.get("config") or {}).get("durable_name"):
-                continue
-            lag = _consumer_lag(consumer_stream, name, info)
-            if not lag.filter_subjects or any(collide(f, subscribe) for f in lag.filter_subjects):
-                facts.consumers.append(lag)
 
-    if config.use_dlq:
-        facts.dlq = await dlq_depth_async(conn, config)
+def _no_consumer_stream(config: BridgeConfig, durables: Sequence[str], facts: _Facts) -> None:
+    subscribe = config.subjects.subscribe
+    for durable in durables:
+        facts.consumers.append(ConsumerLag(durable=durable, stream="", exists=False))
+        facts.problems.append(f"consumer {durable} cannot exist: no stream stores {subscribe}")
+
+
+async def _probe_durables(
+    conn: Connection, stream: str, durables: Sequence[str], facts: _Facts
+) -> None:
+    """Report each named durable; each must exist."""
+    for durable in durables:
+        lag = _consumer_lag(stream, durable, await conn.jsm.consumer_info(stream, durable))
+        facts.consumers.append(lag)
+        if not lag.exists:
+            facts.problems.append(f"consumer {durable} does not exist on stream {stream}")
+
+
+async def _probe_readers(conn: Connection, stream: str, subscribe: str, facts: _Facts) -> None:
+    """Report every durable that reads this app's subject.
+
+    The shared stream also holds other apps' consumers, whose lag is theirs to watch.
+    """
+    for name in sorted(await conn.jsm.consumer_names(stream)):
+        info = await conn.jsm.consumer_info(stream, name)
+        if info is None or not info.config.durable_name:
+            continue
+        lag = _consumer_lag(stream, name, info)
+        if not lag.filter_subjects or any(collide(f, subscribe) for f in lag.filter_subjects):
+            facts.consumers.append(lag)
 
 
 async def _nats_job(
@@ -443,60 +451,3 @@ async def check_async(
         except (NatsUnavailable, AuthenticationFailed) as exc:
             facts = _unreachable(exc, budget)
     return _assess(config, facts, backlog, limits, started)
-
-
-def render(report: HealthReport) -> list[str]:
-    """Render the report as lines of text for a terminal."""
-    lines = [f"status       {report.status.upper()}", f"servers      {', '.join(report.servers)}"]
-    if report.connected:
-        server = f"nats-server {report.server_version}"
-        if report.server_name:
-            server += f" ({report.server_name})"
-        if report.round_trip_ms is not None:
-            server += f", round trip {report.round_trip_ms:.2f} ms"
-        lines.append(f"server       {server}")
-        lines.append(f"jetstream    {'enabled' if report.jetstream else 'NOT AVAILABLE'}")
-    else:
-        lines.append("server       unreachable")
-    if report.stream is not None:
-        stream = report.stream
-        lines.append(
-            f"stream       {stream.name}: "
-            + (
-                f"{stream.messages} message(s), {stream.consumer_count} consumer(s)"
-                if stream.exists
-                else "MISSING"
-            )
-        )
-        for subject, owner in report.subjects.items():
-            lines.append(f"  {subject}  ->  {owner or 'NO STREAM'}")
-    if report.consumers:
-        lines.append("consumers")
-        width = max(len(c.durable) for c in report.consumers)
-        lines.append(f"  {'DURABLE'.ljust(width)}  PENDING  ACK PENDING  REDELIVERED")
-        for c in report.consumers:
-            if c.exists:
-                lines.append(
-                    f"  {c.durable.ljust(width)}  {c.num_pending:>7}  {c.num_ack_pending:>11}"
-                    f"  {c.num_redelivered:>11}"
-                )
-            else:
-                lines.append(f"  {c.durable.ljust(width)}  MISSING")
-    if report.outbox is not None:
-        outbox = report.outbox
-        if outbox.error:
-            lines.append(f"outbox       unreadable: {outbox.error}")
-        else:
-            counts = ", ".join(f"{k} {v}" for k, v in sorted(outbox.counts.items())) or "empty"
-            oldest = (
-                f"; oldest unsent {format_age(outbox.oldest_unsent_age)} old"
-                if outbox.oldest_unsent_age is not None and outbox.unsent
-                else ""
-            )
-            lines.append(f"outbox       {counts}{oldest}")
-    if report.dlq is not None:
-        lines.append(f"dlq          {report.dlq.messages} message(s) on {report.dlq.subject}")
-    if report.problems:
-        lines.append("problems")
-        lines += [f"  - {problem}" for problem in report.problems]
-    return lines

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from django.http import HttpRequest, HttpResponse
     from prometheus_client.metrics_core import Metric
 
+    from .broker import ConsumerInfo
     from .core.config import BridgeConfig
 
 try:
@@ -233,16 +234,16 @@ class BridgeCollector:
 
     @staticmethod
     def _consumers(config: BridgeConfig, gauges: _Gauges) -> None:
-        from .connection import Connection
+        from .broker import Connection
         from .runtime import get_runtime
 
         subject = config.subjects.subscribe
 
-        async def read(conn: Connection) -> list[tuple[str, str, dict[str, Any]]]:
+        async def read(conn: Connection) -> list[tuple[str, str, ConsumerInfo]]:
             found = []
-            for stream in await conn.stream_names(subject=subject):
-                for name in await conn.consumer_names(stream):
-                    info = await conn.consumer_info(stream, name)
+            for stream in await conn.jsm.stream_names(subject=subject):
+                for name in await conn.jsm.consumer_names(stream):
+                    info = await conn.jsm.consumer_info(stream, name)
                     if info and _consumes(info, subject):
                         found.append((stream, name, info))
             return found
@@ -251,14 +252,13 @@ class BridgeCollector:
         # CONNECT_TIMEOUT/REQUEST_TIMEOUT, and cancelling a connect midway would leak its socket.
         consumers = get_runtime().submit(read).result(SCRAPE_TIMEOUT)
         for stream, name, info in consumers:
-            gauges.consumer_pending.add_metric([stream, name], info.get("num_pending", 0))
-            gauges.consumer_ack_pending.add_metric([stream, name], info.get("num_ack_pending", 0))
+            gauges.consumer_pending.add_metric([stream, name], info.num_pending)
+            gauges.consumer_ack_pending.add_metric([stream, name], info.num_ack_pending)
 
 
-def _consumes(info: dict[str, Any], subject: str) -> bool:
-    config = info.get("config") or {}
-    filters = [config.get("filter_subject"), *(config.get("filter_subjects") or [])]
-    return subject in filters
+def _consumes(info: ConsumerInfo, subject: str) -> bool:
+    config = info.config
+    return subject == config.filter_subject or subject in (config.filter_subjects or ())
 
 
 COLLECTOR = BridgeCollector()

@@ -20,7 +20,7 @@ from .models import OutboxStatus
 from .sql import RawJson
 
 if TYPE_CHECKING:
-    from .connection import PubAck
+    from .broker import PubAck
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from asgiref.sync import sync_to_async
 from django.db import transaction
 
 from . import fast_path, metrics
+from .broker import Connection, PubAck
 from .conf import get_config
-from .connection import Connection, PubAck
 from .core.config import BridgeConfig
 from .core.envelope import MSG_ID_HEADER, build_envelope, encode
 from .core.errors import PayloadTooLarge

@@ -29,8 +29,8 @@ from typing import Any
 from django.db import close_old_connections, connections, transaction
 
 from . import metrics
+from .broker import Connection, PubAck
 from .conf import get_config
-from .connection import Connection, PubAck
 from .core.config import BridgeConfig
 from .core.errors import NatsError
 from .outbox import ClaimedRow, OutboxStore, Outcome

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from .connection import Connection
+from .broker import Connection
 from .core.config import BridgeConfig
 
 logger = logging.getLogger(__name__)

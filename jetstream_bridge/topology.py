@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from .connection import Connection
+from .broker import Connection, ConsumerInfo, StreamInfo
 from .core.config import BridgeConfig
 from .core.errors import JetStreamApiError, TopologyError
 from .core.subjects import covers
@@ -66,18 +66,16 @@ async def _colliding_streams(
 ) -> dict[str, list[str]]:
     result: dict[str, list[str]] = {}
     for subject in subjects:
-        others = [name for name in await conn.stream_names(subject=subject) if name != own]
+        others = [name for name in await conn.jsm.stream_names(subject=subject) if name != own]
         if others:
             result[subject] = others
     return result
 
 
-async def _plan(
-    conn: Connection, config: BridgeConfig
-) -> tuple[dict[str, Any] | None, SubjectPlan]:
+async def _plan(conn: Connection, config: BridgeConfig) -> tuple[StreamInfo | None, SubjectPlan]:
     wanted = desired_subjects(config)
-    info = await conn.stream_info(config.stream_name)
-    own = list(info["config"].get("subjects") or []) if info else []
+    info = await conn.jsm.stream_info(config.stream_name)
+    own = list(info.config.subjects) if info else []
     collisions = await _colliding_streams(conn, wanted, config.stream_name)
     return info, plan_subjects(wanted, own, collisions)
 
@@ -121,7 +119,7 @@ async def _ensure_stream(
             return plan
         try:
             if info is None:
-                await conn.create_stream(stream_config(config, plan.add))
+                await conn.jsm.create_stream(stream_config(config, plan.add))
                 logger.info(
                     "created stream %s",
                     config.stream_name,
@@ -130,9 +128,8 @@ async def _ensure_stream(
             else:
                 # Start from the server's own config so replicas, limits, retention and the
                 # duplicate window survive; only the subject list changes.
-                updated = dict(info["config"])
-                updated["subjects"] = list(updated.get("subjects") or []) + list(plan.add)
-                await conn.update_stream(updated)
+                subjects = [*info.config.subjects, *plan.add]
+                await conn.jsm.update_stream(info.config.with_subjects(subjects))
                 logger.info(
                     "added subjects to stream %s",
                     config.stream_name,
@@ -164,11 +161,11 @@ async def _ensure_stream(
 
 async def _stream_capturing(conn: Connection, config: BridgeConfig, subject: str) -> str | None:
     """Return the stream whose subjects capture ``subject`` (ours preferred)."""
-    names = await conn.stream_names(subject=subject)
+    names = await conn.jsm.stream_names(subject=subject)
     ordered = sorted(names, key=lambda name: name != config.stream_name)
     for name in ordered:
-        info = await conn.stream_info(name)
-        if info and any(covers(own, subject) for own in info["config"].get("subjects") or []):
+        info = await conn.jsm.stream_info(name)
+        if info and any(covers(own, subject) for own in info.config.subjects):
             return name
     return ordered[0] if ordered else None
 
@@ -185,24 +182,51 @@ async def _ensure_consumer(
             raise TopologyError(f"no stream captures {subject}; cannot create consumer {durable}")
     report.consumer_stream = stream
     desired = consumer_config(config, durable, subject)
-    info = await conn.consumer_info(stream, durable) if await conn.stream_info(stream) else None
-    target = f"{stream}/{durable}"
+    exists = await conn.jsm.stream_info(stream)
+    info = await conn.jsm.consumer_info(stream, durable) if exists else None
     if info is None:
-        report.add("create-consumer", target, f"filter {subject}", change=True)
-        if not dry_run:
-            try:
-                await conn.create_consumer(stream, desired, action="create")
-                logger.info(
-                    "created consumer %s", target, extra={"stream": stream, "durable": durable}
-                )
-            except JetStreamApiError as exc:
-                if exc.err_code != ERR_CONSUMER_EXISTS:
-                    raise
-                # Another process created it first; reconcile with what it made.
-                report.actions.pop()
-                await _ensure_consumer(conn, config, durable, report, dry_run=dry_run)
+        await _create_consumer(conn, config, stream, desired, report, dry_run=dry_run)
+    else:
+        await _update_consumer(conn, stream, desired, info, report, dry_run=dry_run)
+
+
+async def _create_consumer(
+    conn: Connection,
+    config: BridgeConfig,
+    stream: str,
+    desired: dict[str, Any],
+    report: TopologyReport,
+    *,
+    dry_run: bool,
+) -> None:
+    durable = desired["durable_name"]
+    target = f"{stream}/{durable}"
+    report.add("create-consumer", target, f"filter {desired['filter_subject']}", change=True)
+    if dry_run:
         return
-    differences = consumer_differences(desired, info["config"])
+    try:
+        await conn.jsm.create_consumer(stream, desired, action="create")
+        logger.info("created consumer %s", target, extra={"stream": stream, "durable": durable})
+    except JetStreamApiError as exc:
+        if exc.err_code != ERR_CONSUMER_EXISTS:
+            raise
+        # Another process created it first; reconcile with what it made.
+        report.actions.pop()
+        await _ensure_consumer(conn, config, durable, report, dry_run=dry_run)
+
+
+async def _update_consumer(
+    conn: Connection,
+    stream: str,
+    desired: dict[str, Any],
+    info: ConsumerInfo,
+    report: TopologyReport,
+    *,
+    dry_run: bool,
+) -> None:
+    durable = desired["durable_name"]
+    target = f"{stream}/{durable}"
+    differences = consumer_differences(desired, info.config.as_dict())
     if not differences:
         report.add("skip", target, "consumer matches the settings", change=False)
         return
@@ -210,7 +234,7 @@ async def _ensure_consumer(
     if dry_run:
         return
     try:
-        await conn.create_consumer(stream, desired, action="update")
+        await conn.jsm.create_consumer(stream, desired, action="update")
         logger.info(
             "updated consumer %s",
             target,
@@ -224,13 +248,13 @@ async def _ensure_consumer(
             exc,
             extra={"stream": stream, "durable": durable, "changes": differences},
         )
-        floor = int((info.get("ack_floor") or {}).get("stream_seq") or 0)
+        floor = info.ack_floor.stream_seq
         recreated = dict(desired)
         if floor:
             # Resume after what was already acknowledged instead of replaying the stream.
             recreated.update(deliver_policy="by_start_sequence", opt_start_seq=floor + 1)
-        await conn.delete_consumer(stream, durable)
-        await conn.create_consumer(stream, recreated, action="create")
+        await conn.jsm.delete_consumer(stream, durable)
+        await conn.jsm.create_consumer(stream, recreated, action="create")
         report.add(
             "recreate-consumer", target, f"resumes at stream sequence {floor + 1}", change=True
         )

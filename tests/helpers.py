@@ -7,7 +7,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from jetstream_bridge.connection import Connection
+from jetstream_bridge.broker import Connection
+from jetstream_bridge.core.errors import ConsumerNotFound, StreamNotFound
 from jetstream_bridge.runtime import get_runtime
 
 T = TypeVar("T")
@@ -19,9 +20,33 @@ def nats(job: Callable[[Connection], Awaitable[T]]) -> T:
 
 
 def stream_subjects(name: str) -> list[str]:
-    info = nats(lambda c: c.stream_info(name))
+    info = nats(lambda c: c.jsm.stream_info(name))
     assert info is not None, f"stream {name} does not exist"
-    return list(info["config"]["subjects"])
+    return list(info.config.subjects)
+
+
+def stream_answer(name: str) -> dict[str, Any] | None:
+    """The server's own ``STREAM.INFO`` answer: every field, durations in nanoseconds."""
+
+    async def read(conn: Connection) -> dict[str, Any] | None:
+        try:
+            return await conn.jsm.api(f"STREAM.INFO.{name}")
+        except StreamNotFound:
+            return None
+
+    return nats(read)
+
+
+def consumer_answer(stream: str, durable: str) -> dict[str, Any] | None:
+    """The server's own ``CONSUMER.INFO`` answer: every field, durations in nanoseconds."""
+
+    async def read(conn: Connection) -> dict[str, Any] | None:
+        try:
+            return await conn.jsm.api(f"CONSUMER.INFO.{stream}.{durable}")
+        except ConsumerNotFound:
+            return None
+
+    return nats(read)
 
 
 def stream_messages(name: str, *, concurrency: int = 64, retries: int = 5) -> list[Any]:
@@ -32,10 +57,10 @@ def stream_messages(name: str, *, concurrency: int = 64, retries: int = 5) -> li
     import asyncio
 
     async def read(conn: Connection) -> list[Any]:
-        info = await conn.stream_info(name)
+        info = await conn.jsm.stream_info(name)
         assert info is not None, f"stream {name} does not exist"
-        state = info["state"]
-        if state["messages"] == 0:
+        state = info.state
+        if state.messages == 0:
             return []
         gate = asyncio.Semaphore(concurrency)
 
@@ -43,14 +68,14 @@ def stream_messages(name: str, *, concurrency: int = 64, retries: int = 5) -> li
             async with gate:
                 for attempt in range(retries):
                     try:
-                        return await conn.get_message(name, seq)
+                        return await conn.jsm.get_message(name, seq)
                     except Exception:
                         if attempt == retries - 1:
                             raise
                         await asyncio.sleep(0.5)
             return None
 
-        seqs = range(state["first_seq"], state["last_seq"] + 1)
+        seqs = range(state.first_seq, state.last_seq + 1)
         return [m for m in await asyncio.gather(*(one(seq) for seq in seqs)) if m is not None]
 
     return get_runtime().call(read, timeout=600)
@@ -71,8 +96,8 @@ def manage(
 
 def stream_count(name: str) -> int:
     """How many messages stream ``name`` stores (0 when it does not exist)."""
-    info = nats(lambda c: c.stream_info(name))
-    return int(info["state"]["messages"]) if info else 0
+    info = nats(lambda c: c.jsm.stream_info(name))
+    return info.state.messages if info else 0
 
 
 def stream_msg_ids(name: str) -> list[str]:

@@ -1,8 +1,12 @@
-"""Keep credentials out of output: ``Secret`` values and URLs with their passwords hidden."""
+"""Keep credentials out of output: ``Secret`` values, URLs with their passwords hidden, and
+credentials scrubbed from text that reaches logs, health reports and the admin."""
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit, urlunsplit
+
+_CREDENTIALS_IN_TEXT = re.compile(r"(\w+://)[^/@\s]+@")
 
 
 class Secret:
@@ -46,3 +50,8 @@ def redact_url(url: str) -> str:
     # A lone "user" in nats://token@host is a token; hide it too.
     cred = f"{user}:***" if parts.password is not None else "***"
     return urlunsplit((parts.scheme, f"{cred}@{host}", parts.path, parts.query, parts.fragment))
+
+
+def scrub(text: str) -> str:
+    """Remove credentials that an underlying error message may have copied from a URL."""
+    return _CREDENTIALS_IN_TEXT.sub(r"\1***@", text)

@@ -30,7 +30,7 @@ from typing import Any
 
 from django.db import connections
 
-from ..connection import PubAck
+from ..broker import PubAck
 from ..publisher import PreparedEvent, Sender, use_sender
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from django.db import connections
 
-from jetstream_bridge.connection import Connection
+from jetstream_bridge.broker import Connection
 from jetstream_bridge.models import InboxEvent, OutboxEvent
 from jetstream_bridge.topology import ensure_topology
 from tests.admin_data import (
@@ -234,8 +234,8 @@ def test_browser__screenshots_of_the_status_page_and_outbox_list(
 
 
 async def _drop_stream(conn: Connection, name: str) -> None:
-    if await conn.stream_info(name) is not None:
-        await conn.delete_stream(name)
+    if await conn.jsm.stream_info(name) is not None:
+        await conn.jsm.delete_stream(name)
 
 
 def _lived_in(config: Any) -> None:

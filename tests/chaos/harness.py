@@ -25,7 +25,7 @@ from django.conf import settings as django_settings
 from django.db import connection
 from django.utils import timezone
 
-from jetstream_bridge.connection import Connection
+from jetstream_bridge.broker import Connection
 from jetstream_bridge.core.envelope import MSG_ID_HEADER
 from jetstream_bridge.core.errors import JetStreamBridgeError
 from jetstream_bridge.models import OutboxEvent, OutboxStatus
@@ -281,10 +281,10 @@ def outbox_drained(expected: int) -> bool:
 
 def consumer_settled(stream: str, durable: str = DURABLE) -> bool:
     try:
-        info = nats_call(lambda c: c.consumer_info(stream, durable), timeout=30)
+        info = nats_call(lambda c: c.jsm.consumer_info(stream, durable), timeout=30)
     except JetStreamBridgeError:
         return False  # a node is restarting or a leader is being elected: ask again
-    return bool(info) and info["num_pending"] == 0 and info["num_ack_pending"] == 0
+    return bool(info) and info.num_pending == 0 and info.num_ack_pending == 0
 
 
 # -- verdict -------------------------------------------------------------------------------------

@@ -32,10 +32,11 @@ NODE_KILLS = scaled(1, 3)
 
 def stream_cluster(stream: str) -> dict[str, Any]:
     try:
-        info = nats_call(lambda c: c.stream_info(stream), timeout=30)
-    except JetStreamBridgeError:
+        # The server's own answer: the typed StreamInfo does not carry the cluster state.
+        info = nats_call(lambda c: c.jsm.api(f"STREAM.INFO.{stream}"), timeout=30)
+    except JetStreamBridgeError:  # StreamNotFound included
         return {}
-    return dict((info or {}).get("cluster") or {})
+    return dict(info.get("cluster") or {})
 
 
 def healthy(stream: str) -> bool:

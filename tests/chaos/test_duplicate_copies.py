@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from jetstream_bridge.connection import Connection
+from jetstream_bridge.broker import Connection
 from jetstream_bridge.core.envelope import MSG_ID_HEADER, build_envelope, encode
 from jetstream_bridge.topology import ensure_topology
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from jetstream_bridge.connection import Connection
+from jetstream_bridge.broker import Connection
 from jetstream_bridge.core import dlq
 from jetstream_bridge.core.envelope import MSG_ID_HEADER, build_envelope, decode, encode
 from jetstream_bridge.core.errors import MalformedEnvelope

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from jetstream_bridge.connection import Connection
+from jetstream_bridge.broker import Connection
 from jetstream_bridge.core.errors import JetStreamBridgeError
 from jetstream_bridge.core.topology import desired_subjects
 from jetstream_bridge.topology import ensure_topology
@@ -56,16 +56,16 @@ class Saboteur(threading.Thread):
                 if action == "create":
                     name = self.random.choice(list(self.rogues))
                     nats_call(
-                        lambda c, name=name: c.create_stream(
+                        lambda c, name=name: c.jsm.create_stream(
                             {"name": name, "subjects": self.rogues[name], "storage": "memory"}
                         ),
                         timeout=30,
                     )
                 elif action == "delete":
                     name = self.random.choice(list(self.rogues))
-                    nats_call(lambda c, name=name: c.delete_stream(name), timeout=30)
+                    nats_call(lambda c, name=name: c.jsm.delete_stream(name), timeout=30)
                 else:
-                    nats_call(lambda c: c.delete_stream(self.config.stream_name), timeout=30)
+                    nats_call(lambda c: c.jsm.delete_stream(self.config.stream_name), timeout=30)
                 self.actions[action] += 1
             except JetStreamBridgeError:
                 self.actions[f"{action}-refused"] += 1  # overlap or already gone: expected
@@ -74,8 +74,8 @@ class Saboteur(threading.Thread):
     def clear(self) -> None:
         async def drop(conn: Connection) -> None:
             for name in self.rogues:
-                if await conn.stream_info(name):
-                    await conn.delete_stream(name)
+                if await conn.jsm.stream_info(name):
+                    await conn.jsm.delete_stream(name)
 
         nats_call(drop)
 
@@ -142,8 +142,8 @@ def test_chaos__racing_ensures_converge_under_overlapping_streams(campaign: Camp
     )
     check_code = check.wait(120)
     converge_s = time.monotonic() - converge_started
-    info = nats_call(lambda c: c.stream_info(config.stream_name))
-    consumer = nats_call(lambda c: c.consumer_info(config.stream_name, DURABLE))
+    info = nats_call(lambda c: c.jsm.stream_info(config.stream_name))
+    consumer = nats_call(lambda c: c.jsm.consumer_info(config.stream_name, DURABLE))
     record(
         {
             "scenario": campaign.scenario,
@@ -160,6 +160,6 @@ def test_chaos__racing_ensures_converge_under_overlapping_streams(campaign: Camp
     assert not unexpected, "\n\n".join(unexpected[:5])
     assert check_code == 0, check.log_text()
     assert report.consumer_stream == config.stream_name
-    assert set(desired_subjects(config)) <= set(info["config"]["subjects"])
+    assert set(desired_subjects(config)) <= set(info.config.subjects)
     assert consumer is not None
-    assert consumer["config"]["filter_subject"] == config.subjects.subscribe
+    assert consumer.config.filter_subject == config.subjects.subscribe

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from jetstream_bridge.connection import Connection
+from jetstream_bridge.broker import Connection
 from jetstream_bridge.core.config import parse_config
 from jetstream_bridge.core.errors import NatsUnavailable, PublishFailed
 from jetstream_bridge.runtime import get_runtime
@@ -25,7 +25,7 @@ def make_config(url: str, **extra: Any):  # type: ignore[no-untyped-def]
 
 
 async def _with_stream(conn: Connection, name: str, subject: str) -> None:
-    await conn.create_stream({"name": name, "subjects": [subject], "storage": "memory"})
+    await conn.jsm.create_stream({"name": name, "subjects": [subject], "storage": "memory"})
 
 
 def test_connection__publishes_and_reads_back(nats_server: Any) -> None:
@@ -35,10 +35,10 @@ def test_connection__publishes_and_reads_back(nats_server: Any) -> None:
             await _with_stream(conn, "RT", "rt.>")
             ack = await conn.publish("rt.one", b'{"a":1}', {"Nats-Msg-Id": "m-1"})
             again = await conn.publish("rt.one", b'{"a":1}', {"Nats-Msg-Id": "m-1"})
-            stored = await conn.get_message("RT", ack.seq)
-            info = await conn.stream_info("RT")
+            stored = await conn.jsm.get_message("RT", ack.seq)
+            info = await conn.jsm.stream_info("RT")
         finally:
-            await conn.delete_stream("RT")
+            await conn.jsm.delete_stream("RT")
             await conn.close()
         assert (ack.stream, ack.seq, ack.duplicate) == ("RT", 1, False)
         assert again.duplicate is True  # the server deduplicated on Nats-Msg-Id
@@ -46,7 +46,7 @@ def test_connection__publishes_and_reads_back(nats_server: Any) -> None:
         assert stored.data == b'{"a":1}'
         assert stored.headers["Nats-Msg-Id"] == "m-1"
         assert info is not None
-        assert info["state"]["messages"] == 1
+        assert info.state.messages == 1
 
     asyncio.run(scenario())
 
@@ -71,7 +71,7 @@ def test_connection__publish_many_reports_each_result_in_its_own_slot(nats_serve
         conn = Connection(make_config(nats_server.url))
         stream = {"name": "PM", "subjects": ["pm.>"], "storage": "memory", "max_msgs": 5}
         try:
-            await conn.create_stream({**stream, "discard": "new"})
+            await conn.jsm.create_stream({**stream, "discard": "new"})
             await conn.subscribe("silent.answer", ignore)  # receives, never replies
             items: list[tuple[str, bytes, dict[str, str] | None]] = [
                 (f"pm.{i}", b"{}", {"Nats-Msg-Id": f"m-{i}"}) for i in range(4)
@@ -85,7 +85,7 @@ def test_connection__publish_many_reports_each_result_in_its_own_slot(nats_serve
             ]
             return await conn.publish_many(items, max_in_flight=2, timeout=0.5)
         finally:
-            await conn.delete_stream("PM")
+            await conn.jsm.delete_stream("PM")
             await conn.close()
 
     results = asyncio.run(scenario())
@@ -135,7 +135,7 @@ def test_runtime__sync_callers_share_one_connection(
         return await runtime.run(lambda conn: conn.publish("shared.x", b"2"))
 
     assert asyncio.run(from_another_loop()).seq == 2
-    runtime.call(lambda conn: conn.delete_stream("SHARED"))
+    runtime.call(lambda conn: conn.jsm.delete_stream("SHARED"))
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -165,4 +165,4 @@ def test_runtime__publish_from_a_forked_child_works(
     assert answer == {"seq": 2}
     # The parent's connection still works after the child used its own.
     assert runtime.call(lambda conn: conn.publish("fork.parent", b"again")).seq == 3
-    runtime.call(lambda conn: conn.delete_stream("FORK"))
+    runtime.call(lambda conn: conn.jsm.delete_stream("FORK"))

@@ -139,9 +139,9 @@ def test_consume__poison_message_goes_to_the_dlq_after_max_deliver(bridge: Any) 
     row = InboxEvent.objects.get(event_id=poison)
     assert (row.status, row.deliveries) == ("failed", 3)
     assert row.last_error == "ValueError: cannot handle this one"
-    info = nats(lambda c: c.consumer_info(bridge.stream_name, DURABLE))
-    assert info["num_ack_pending"] == 0  # terminated, not waiting for redelivery
-    assert info["num_pending"] == 0
+    info = nats(lambda c: c.jsm.consumer_info(bridge.stream_name, DURABLE))
+    assert info.num_ack_pending == 0  # terminated, not waiting for redelivery
+    assert info.num_pending == 0
 
 
 @pytest.mark.parametrize(
@@ -508,8 +508,8 @@ def test_consume__sigterm_finishes_the_batch_and_exits_zero(
     assert worker.returncode == 0, err
     stopped_at = Effect.objects.count()
     assert stopped_at < 600, "SIGTERM must stop it before the end"
-    info = nats(lambda c: c.consumer_info(bridge.stream_name, DURABLE))
-    assert info["num_ack_pending"] == 0  # everything in hand was settled
+    info = nats(lambda c: c.jsm.consumer_info(bridge.stream_name, DURABLE))
+    assert info.num_ack_pending == 0  # everything in hand was settled
     consume(handlers.slow_effect, batch_size=100)
     assert sorted(effects()) == sorted(ids)
 

@@ -216,7 +216,7 @@ def test_dlq__replay_refuses_subjects_outside_the_bridge(
     assert result.returncode == 1
     assert "refusing to publish to system subject" in result.stderr
     assert "outside this bridge's" in result.stderr
-    assert nats(lambda c: c.stream_info(bridge.stream_name)) is not None
+    assert nats(lambda c: c.jsm.stream_info(bridge.stream_name)) is not None
     assert dlq.depth().messages == 2  # nothing replayed, nothing removed
 
 

@@ -81,7 +81,7 @@ def test_health__other_apps_consumers_on_the_shared_stream_are_not_reported(brid
 
     # The peer's durable reads the subject this app publishes to, in the same stream.
     peer = consumer_config(bridge, "beta-events", bridge.subjects.publish)
-    nats(lambda c: c.create_consumer(bridge.stream_name, peer))
+    nats(lambda c: c.jsm.create_consumer(bridge.stream_name, peer))
     assert [c.durable for c in check().consumers] == [DURABLE]
 
 

@@ -25,8 +25,8 @@ from django.db.models import Max
 from django.utils import timezone
 
 from jetstream_bridge import Publisher
+from jetstream_bridge.broker import Connection
 from jetstream_bridge.conf import get_config
-from jetstream_bridge.connection import Connection
 from jetstream_bridge.core.config import BridgeConfig
 from jetstream_bridge.core.envelope import build_envelope
 from jetstream_bridge.core.errors import NatsError
@@ -465,10 +465,8 @@ def test_relay__ordering_keeps_each_resource_in_creation_order(
 
     # The operator fixes the topology: now the stream captures the first event's subject too.
     async def capture(conn: Connection) -> None:
-        info = await conn.stream_info(config.stream_name)
-        stream = dict(info["config"])
-        stream["subjects"] = [*stream["subjects"], uncaptured]
-        await conn.update_stream(stream)
+        info = await conn.jsm.stream_info(config.stream_name)
+        await conn.jsm.update_stream(info.config.with_subjects([*info.config.subjects, uncaptured]))
 
     nats(capture)
     wait_until_due()

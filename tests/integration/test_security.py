@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from jetstream_bridge.connection import Connection
+from jetstream_bridge.broker import Connection
 from jetstream_bridge.core.config import BridgeConfig, parse_config
 from jetstream_bridge.core.errors import AuthenticationFailed, NatsError
 from jetstream_bridge.testing.server import NatsServer, ServerNotFound, find_nats_server
@@ -80,12 +80,14 @@ def round_trip(config: BridgeConfig) -> bytes:
         conn = Connection(config)
         name = f"SEC_{uuid.uuid4().hex[:8]}"
         try:
-            await conn.create_stream({"name": name, "subjects": [f"{name}.>"], "storage": "memory"})
+            await conn.jsm.create_stream(
+                {"name": name, "subjects": [f"{name}.>"], "storage": "memory"}
+            )
             try:
                 ack = await conn.publish(f"{name}.event", b'{"ok":true}')
-                stored = await conn.get_message(name, ack.seq)
+                stored = await conn.jsm.get_message(name, ack.seq)
             finally:
-                await conn.delete_stream(name)
+                await conn.jsm.delete_stream(name)
         finally:
             await conn.close()
         assert stored is not None

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from jetstream_bridge.connection import Connection
+from jetstream_bridge.broker import Connection
 from jetstream_bridge.core.durations import to_nanos
 from jetstream_bridge.topology import ensure_topology
-from tests.helpers import manage, nats, stream_subjects
+from tests.helpers import consumer_answer, manage, nats, stream_answer, stream_subjects
 
 DURABLE = "beta-events"
 
@@ -29,7 +29,7 @@ def test_ensure__fresh_server_creates_stream_and_consumer_then_is_a_no_op(
     first = ensure_topology(durable=DURABLE)
     assert not first.in_sync
     assert sorted(stream_subjects(config.stream_name)) == sorted(subjects(config).values())
-    info = nats(lambda c: c.consumer_info(config.stream_name, DURABLE))
+    info = consumer_answer(config.stream_name, DURABLE)
     assert info["config"]["filter_subject"] == config.subjects.subscribe
     assert info["config"]["ack_policy"] == "explicit"
     assert info["config"]["max_deliver"] == 5
@@ -53,7 +53,7 @@ def test_ensure__consumer_gets_ack_wait_in_nanoseconds_and_no_server_backoff(
 
     config = get_config()
     ensure_topology(durable=DURABLE)
-    info = nats(lambda c: c.consumer_info(config.stream_name, DURABLE))
+    info = consumer_answer(config.stream_name, DURABLE)
     assert info["config"]["ack_wait"] == 45_000_000_000
     assert info["config"]["max_deliver"] == 4
     assert info["config"]["max_ack_pending"] == 200
@@ -68,14 +68,14 @@ def test_ensure__another_stream_owning_the_wildcard_keeps_its_subjects(
     config = jetstream_bridge
     wildcard = f"{config.env}.data.sync.>"
     nats(
-        lambda c: c.create_stream(
+        lambda c: c.jsm.create_stream(
             {"name": "TEAM-WIDE", "subjects": [wildcard], "storage": "memory"}
         )
     )
     try:
         with caplog.at_level(logging.WARNING, logger="jetstream_bridge"):
             report = ensure_topology(durable=DURABLE)
-        assert nats(lambda c: c.stream_info(config.stream_name)) is None  # nothing to add
+        assert nats(lambda c: c.jsm.stream_info(config.stream_name)) is None  # nothing to add
         assert stream_subjects("TEAM-WIDE") == [wildcard]
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert any("TEAM-WIDE" in w and config.subjects.subscribe in w for w in warnings)
@@ -90,13 +90,13 @@ def test_ensure__another_stream_owning_the_wildcard_keeps_its_subjects(
 
         assert nats(publish_and_fetch) == [b'{"hello":1}']
     finally:
-        nats(lambda c: c.delete_stream("TEAM-WIDE"))
+        nats(lambda c: c.jsm.delete_stream("TEAM-WIDE"))
 
 
 def test_ensure__stream_owning_only_the_dlq_leaves_the_other_two(jetstream_bridge: Any) -> None:
     config = jetstream_bridge
     nats(
-        lambda c: c.create_stream(
+        lambda c: c.jsm.create_stream(
             {"name": "DLQ-OWNER", "subjects": [config.subjects.dlq], "storage": "memory"}
         )
     )
@@ -108,7 +108,7 @@ def test_ensure__stream_owning_only_the_dlq_leaves_the_other_two(jetstream_bridg
         assert report.consumer_stream == config.stream_name
         assert any(a.kind == "skip" and "DLQ-OWNER" in a.detail for a in report.actions)
     finally:
-        nats(lambda c: c.delete_stream("DLQ-OWNER"))
+        nats(lambda c: c.jsm.delete_stream("DLQ-OWNER"))
 
 
 def test_ensure__adding_a_subject_preserves_the_streams_own_settings(
@@ -126,9 +126,9 @@ def test_ensure__adding_a_subject_preserves_the_streams_own_settings(
         "description": "owned by the platform team",
         "metadata": {"team": "platform"},
     }
-    nats(lambda c: c.create_stream(custom))
+    nats(lambda c: c.jsm.create_stream(custom))
     ensure_topology()
-    after = nats(lambda c: c.stream_info(config.stream_name))["config"]
+    after = stream_answer(config.stream_name)["config"]
     assert sorted(after["subjects"]) == sorted(subjects(config).values())
     assert after["max_age"] == to_nanos(3600)
     assert after["max_bytes"] == 10_000_000
@@ -141,7 +141,7 @@ def test_ensure__adding_a_subject_preserves_the_streams_own_settings(
 def test_ensure__covered_subjects_are_not_added_again(jetstream_bridge: Any) -> None:
     config = jetstream_bridge
     nats(
-        lambda c: c.create_stream(
+        lambda c: c.jsm.create_stream(
             {
                 "name": config.stream_name,
                 "subjects": [f"{config.env}.data.sync.*.*"],
@@ -186,10 +186,10 @@ def test_ensure__existing_durable_is_reconciled_with_the_settings(
     stale.update(
         {k: v.format(env=config.env) if isinstance(v, str) else v for k, v in existing.items()}
     )
-    nats(lambda c: c.create_consumer(config.stream_name, stale))
+    nats(lambda c: c.jsm.create_consumer(config.stream_name, stale))
     report = ensure_topology(durable=DURABLE)
     assert any(a.kind == "update-consumer" and difference in a.detail for a in report.actions)
-    info = nats(lambda c: c.consumer_info(config.stream_name, DURABLE))["config"]
+    info = consumer_answer(config.stream_name, DURABLE)["config"]
     assert info["filter_subject"] == config.subjects.subscribe
     assert info["max_deliver"] == 5
     assert info["ack_wait"] == to_nanos(30)
@@ -205,7 +205,7 @@ def test_ensure__durable_the_server_cannot_update_is_recreated_from_its_ack_floo
 
     async def prepare(conn: Connection) -> None:
         # A push consumer cannot become a pull consumer: the server refuses the update.
-        await conn.create_consumer(
+        await conn.jsm.create_consumer(
             config.stream_name,
             {
                 "durable_name": DURABLE,
@@ -218,7 +218,7 @@ def test_ensure__durable_the_server_cannot_update_is_recreated_from_its_ack_floo
     nats(prepare)
     report = ensure_topology(durable=DURABLE)
     assert [a.kind for a in report.actions if a.change] == ["update-consumer", "recreate-consumer"]
-    info = nats(lambda c: c.consumer_info(config.stream_name, DURABLE))["config"]
+    info = consumer_answer(config.stream_name, DURABLE)["config"]
     assert not info.get("deliver_subject")
     assert ensure_topology(durable=DURABLE).in_sync
 
@@ -253,7 +253,7 @@ def test_ensure_command__dry_run_changes_nothing(
     result = manage("jetstream_ensure_topology", "--dry-run", env=subprocess_env)
     assert result.returncode == 0, result.stderr
     assert "plan (nothing changed)" in result.stdout
-    assert nats(lambda c: c.stream_info(jetstream_bridge.stream_name)) is None
+    assert nats(lambda c: c.jsm.stream_info(jetstream_bridge.stream_name)) is None
 
 
 @pytest.mark.slow
@@ -288,7 +288,7 @@ def test_ensure__eight_processes_for_two_apps_converge_on_one_stream(
             if stream:
                 stream.close()
     assert [code for code, _ in results] == [0] * 8, results
-    streams = nats(lambda c: c.stream_names(subject=f"{config.env}.>"))
+    streams = nats(lambda c: c.jsm.stream_names(subject=f"{config.env}.>"))
     assert streams == [config.stream_name]
     assert sorted(stream_subjects(config.stream_name)) == sorted(
         [
@@ -298,4 +298,4 @@ def test_ensure__eight_processes_for_two_apps_converge_on_one_stream(
         ]
     )
     for app in ("alpha", "beta"):
-        assert nats(lambda c, a=app: c.consumer_info(config.stream_name, f"{a}-events"))
+        assert nats(lambda c, a=app: c.jsm.consumer_info(config.stream_name, f"{a}-events"))

@@ -12,7 +12,7 @@ import pytest
 from django.db import transaction
 
 from jetstream_bridge import Publisher
-from jetstream_bridge.connection import PubAck
+from jetstream_bridge.broker import PubAck
 from jetstream_bridge.core.envelope import MSG_ID_HEADER, encode
 from jetstream_bridge.models import OutboxEvent
 from jetstream_bridge.publisher import NatsSender, PreparedEvent, current_sender, use_sender

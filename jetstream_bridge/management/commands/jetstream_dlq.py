@@ -2,12 +2,24 @@ from __future__ import annotations
 
 import json
 from argparse import ArgumentParser
+from collections.abc import Iterable
 from typing import Any
 
 from django.core.management.base import CommandError
 
 from ... import dlq
 from ..base import BridgeCommand, duration_arg, render_table
+from ..render import dead_letter_lines, dead_letter_rows
+
+
+def parse_seqs(values: Iterable[str | int] | None) -> frozenset[int]:
+    """Turn ``--seq`` values (repeatable, or comma-separated) into a set of sequences."""
+    seqs: set[int] = set()
+    for value in values or ():
+        for part in str(value).split(","):
+            if part.strip():
+                seqs.add(int(part))
+    return frozenset(seqs)
 
 
 def _filters(parser: ArgumentParser) -> None:
@@ -53,7 +65,7 @@ class Command(BridgeCommand):
 
     def _selection(self, options: dict[str, Any]) -> dlq.Selection:
         try:
-            seqs = dlq.parse_seqs(options["seq"])
+            seqs = parse_seqs(options["seq"])
         except ValueError as exc:
             raise CommandError(f"--seq takes stream sequences: {exc}") from exc
         return dlq.Selection(
@@ -76,7 +88,7 @@ class Command(BridgeCommand):
             self.stdout.write(json.dumps(data, indent=2))
             return
         if messages:
-            for line in render_table(dlq.rows(messages)):
+            for line in render_table(dead_letter_rows(messages)):
                 self.stdout.write(line)
         self.stdout.write(
             f"{len(messages)} shown; {depth.messages} dead letter(s) on {depth.subject}"
@@ -90,7 +102,7 @@ class Command(BridgeCommand):
         if options["json"]:
             self.stdout.write(json.dumps(message.to_dict(body=True), indent=2))
         else:
-            for line in dlq.describe(message):
+            for line in dead_letter_lines(message):
                 self.stdout.write(line)
 
     def _replay(self, options: dict[str, Any]) -> None:

@@ -5,8 +5,9 @@ import sys
 from argparse import ArgumentParser
 from typing import Any
 
-from ...health import HEALTHY, UNREACHABLE, check, render
+from ...health import HEALTHY, UNREACHABLE, check
 from ..base import EXIT_FAILED, EXIT_UNREACHABLE, BridgeCommand, duration_arg
+from ..render import health_lines
 
 
 class Command(BridgeCommand):
@@ -54,7 +55,7 @@ class Command(BridgeCommand):
         if options["json"]:
             self.stdout.write(json.dumps(report.to_dict(), indent=2))
         else:
-            for line in render(report):
+            for line in health_lines(report):
                 self.stdout.write(line)
         if report.status != HEALTHY:
             sys.exit(EXIT_UNREACHABLE if report.status == UNREACHABLE else EXIT_FAILED)
