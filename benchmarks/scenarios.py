@@ -27,8 +27,8 @@ from typing import Any, TypeVar
 import nats
 
 from jetstream_bridge.broker import Connection
-from jetstream_bridge.core.config import BridgeConfig, parse_config
 from jetstream_bridge.core.envelope import MSG_ID_HEADER, build_envelope, encode, new_event_id
+from jetstream_bridge.core.settings import BridgeConfig, parse_config
 from jetstream_bridge.topology import ensure_topology_async
 
 T = TypeVar("T")

@@ -25,8 +25,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from jetstream_bridge.broker import Connection  # noqa: E402
-from jetstream_bridge.core import dlq  # noqa: E402
-from jetstream_bridge.core.config import parse_config  # noqa: E402
+from jetstream_bridge.core import dead_letter  # noqa: E402
+from jetstream_bridge.core.settings import parse_config  # noqa: E402
 from jetstream_bridge.testing.server import NatsServer  # noqa: E402
 
 ORDERS, POISON = 5, 1
@@ -183,8 +183,9 @@ def run(demo: Demo) -> int:
     print()
     for headers in letters:
         print(
-            f"DLQ: event {headers.get(dlq.EVENT_ID)} reason={headers.get(dlq.REASON)} "
-            f"error={headers.get(dlq.ERROR_MESSAGE)!r}"
+            f"DLQ: event {headers.get(dead_letter.EVENT_ID)} "
+            f"reason={headers.get(dead_letter.REASON)} "
+            f"error={headers.get(dead_letter.ERROR_MESSAGE)!r}"
         )
     print(f"workers stopped: {', '.join(f'{name}={code}' for name, code in codes)}")
     print(f"done in {time.monotonic() - started:.1f}s")

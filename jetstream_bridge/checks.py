@@ -9,7 +9,7 @@ from django.apps import AppConfig, apps
 from django.core.checks import CheckMessage, Error, Warning, register
 
 from .conf import parsed
-from .core.problems import BAD_MODEL, CHECK_ID_PREFIX, MODEL_MISSING_FIELDS
+from .core.settings.problems import BAD_MODEL, CHECK_ID_PREFIX, MODEL_MISSING_FIELDS
 from .models import INBOX_REQUIRED_FIELDS, OUTBOX_REQUIRED_FIELDS, field_names
 
 

@@ -11,8 +11,8 @@ from django.conf import settings
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
-from .core.config import BridgeConfig, Problem, parse_config
-from .core.settings_schema import SETTINGS
+from .core.settings import BridgeConfig, Problem, parse_config
+from .core.settings.schema import SETTINGS
 from .exceptions import ConfigurationError
 
 SETTING_NAME = "JETSTREAM_BRIDGE"

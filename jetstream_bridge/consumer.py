@@ -27,9 +27,9 @@ from django.db import DatabaseError, close_old_connections, connections
 from . import metrics
 from .broker import Connection, Delivery
 from .conf import get_config
-from .core import dlq
-from .core.config import BridgeConfig
+from .core import dead_letter
 from .core.errors import ConsumerNotFound, NatsError
+from .core.settings import BridgeConfig
 from .handlers import Handler, HandlerRegistry, autodiscover, registry
 from .processing import BatchProcessor, Outcome, ReceivedMessage, Verdict
 from .runtime import get_runtime
@@ -322,7 +322,7 @@ class Consumer:
         logger.warning("message dead-lettered: %s", dead.reason, extra=_fields(message, dead))
 
 
-def _fields(message: ReceivedMessage, dead: dlq.DeadLetter) -> dict[str, Any]:
+def _fields(message: ReceivedMessage, dead: dead_letter.DeadLetter) -> dict[str, Any]:
     return {
         "reason": dead.reason,
         "error_class": dead.error_class,

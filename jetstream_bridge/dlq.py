@@ -2,7 +2,7 @@
 
 Dead letters are messages on ``DLQ_SUBJECT`` in whichever stream stores that subject (normally
 the bridge's own), so each is addressed by its stream sequence. The header names live in
-``jetstream_bridge.core.dlq``; this module reads and acts on them.
+``jetstream_bridge.core.dead_letter``; this module reads and acts on them.
 
 Replay republishes the stored body to the subject it failed on, under a new ``Nats-Msg-Id``
 (``replay:<dlq-seq>:<run>``): the original id may still sit in the stream's dedupe window and
@@ -27,10 +27,10 @@ from typing import Any, TypeVar
 
 from .broker import Connection, StoredMessage
 from .conf import get_config
-from .core import dlq as core_dlq
-from .core.config import BridgeConfig
+from .core import dead_letter as core_dlq
 from .core.envelope import MSG_ID_HEADER
 from .core.errors import JetStreamApiError, PublishFailed
+from .core.settings import BridgeConfig
 from .core.subjects import is_reserved, subject_problem
 from .runtime import get_runtime
 

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 from django.core.exceptions import ImproperlyConfigured
 
-from .core.config import Problem
 from .core.errors import (
     AuthenticationFailed,
     ConsumerNotFound,
@@ -22,6 +21,7 @@ from .core.errors import (
     StreamNotFound,
     TopologyError,
 )
+from .core.settings import Problem
 
 
 class ConfigurationError(JetStreamBridgeError, ImproperlyConfigured):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from django.db import close_old_connections
 
 from .broker import PubAck
-from .core.config import BridgeConfig
+from .core.settings import BridgeConfig
 from .outbox import OutboxStore, Outcome
 from .runtime import get_runtime
 

@@ -26,12 +26,12 @@ from django.db import DatabaseError
 
 from .broker import Connection, ConsumerInfo
 from .conf import get_config
-from .core.config import BridgeConfig
 from .core.durations import format_age, format_duration, parse_duration
 from .core.errors import AuthenticationFailed, NatsError, NatsUnavailable
 from .core.redaction import scrub
+from .core.settings import BridgeConfig
 from .core.subjects import collide, token_problem
-from .core.topology import desired_subjects
+from .core.topology_plan import desired_subjects
 from .dlq import Depth as DlqDepth
 from .dlq import depth_async as dlq_depth_async
 from .models import OutboxStatus

@@ -14,7 +14,7 @@ from django.apps import apps
 from django.db import IntegrityError, connections, models
 from django.utils import timezone
 
-from .core.config import BridgeConfig
+from .core.settings import BridgeConfig
 from .models import InboxStatus, field_names, only_fields
 from .outcomes import ReceivedMessage
 from .sql import RawJson, insert_rows, postgresql

@@ -18,9 +18,9 @@ from django.apps import apps
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.migrations.executor import MigrationExecutor
 
-from .core.config import BridgeConfig, parse_config
 from .core.durations import format_duration
-from .core.settings_schema import SETTINGS, Setting
+from .core.settings import BridgeConfig, parse_config
+from .core.settings.schema import SETTINGS, Setting
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
     from .broker import ConsumerInfo
-    from .core.config import BridgeConfig
+    from .core.settings import BridgeConfig
 
 try:
     from prometheus_client import REGISTRY, Counter, Histogram

@@ -18,7 +18,7 @@ from django.db import IntegrityError, connections, models, router, transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
-from .core.config import BridgeConfig, Problem
+from .core.settings import BridgeConfig, Problem
 from .exceptions import ConfigurationError
 from .models import OutboxStatus, field_names, outbox_due
 from .outbox_rows import (

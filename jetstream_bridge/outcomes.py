@@ -9,11 +9,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .core import dlq
-from .core.config import BridgeConfig
+from .core.dead_letter import MAX_DELIVER, DeadLetter
 from .core.envelope import decode
 from .core.errors import MalformedEnvelope
 from .core.retry import RetryPolicy
+from .core.settings import BridgeConfig
 
 # How long a message waits before coming back when its batch failed on the database.
 DATABASE_RETRY_DELAY = 1.0
@@ -55,15 +55,15 @@ class Outcome:
     message: ReceivedMessage
     verdict: Verdict
     delay: float = 0.0
-    dead: dlq.DeadLetter | None = None
+    dead: DeadLetter | None = None
     duplicate: bool = False
 
 
 def dead_letter(
     message: ReceivedMessage, reason: str, error: BaseException, event_id: str | None
-) -> dlq.DeadLetter:
+) -> DeadLetter:
     """Describe ``message`` for the DLQ: where it came from and why it failed for good."""
-    return dlq.DeadLetter(
+    return DeadLetter(
         reason=reason,
         error_class=type(error).__name__,
         error_message=str(error),
@@ -122,7 +122,7 @@ class Decisions:
     ) -> Outcome:
         if not self.policy.is_last(message.deliveries):
             return Outcome(message, Verdict.RETRY, delay=delay)
-        dead = dead_letter(message, dlq.MAX_DELIVER, error, event_id)
+        dead = dead_letter(message, MAX_DELIVER, error, event_id)
         return Outcome(message, Verdict.DEAD, dead=dead)
 
 

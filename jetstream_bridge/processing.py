@@ -45,10 +45,10 @@ from django.db.transaction import TransactionManagementError
 
 from . import metrics
 from .conf import get_config
-from .core import dlq
-from .core.config import BridgeConfig
+from .core import dead_letter
 from .core.envelope import decode
 from .core.errors import MalformedEnvelope, RejectMessage
+from .core.settings import BridgeConfig
 from .handlers import Handler, HandlerRegistry, autodiscover, registry
 from .inbox import Inbox, Seen, inbox_model
 from .models import InboxStatus
@@ -220,7 +220,7 @@ class BatchProcessor:
             return Outcome(item.message, Verdict.ACK, duplicate=True)
         if item.event is None:
             assert item.error is not None
-            return self._fail(batch, item, item.error, reason=dlq.MALFORMED)
+            return self._fail(batch, item, item.error, reason=dead_letter.MALFORMED)
         fn = self.handler or self.registry.resolve(
             item.event["resource_type"], item.event["event_type"]
         )
@@ -229,7 +229,7 @@ class BatchProcessor:
                 f"no handler registered for "
                 f"{item.event['resource_type']}/{item.event['event_type']}"
             )
-            return self._fail(batch, item, missing, reason=dlq.NO_HANDLER)
+            return self._fail(batch, item, missing, reason=dead_letter.NO_HANDLER)
         if item.index in batch.runs.failed:
             # It failed in this batch's first pass, which was rolled back: record that.
             return self._handler_failed(batch, item, batch.runs.failed[item.index])
@@ -286,7 +286,7 @@ class BatchProcessor:
 
     def _handler_failed(self, batch: _Pass, item: _Item, exc: Exception) -> Outcome:
         if isinstance(exc, RejectMessage):
-            return self._fail(batch, item, exc, reason=dlq.REJECTED)
+            return self._fail(batch, item, exc, reason=dead_letter.REJECTED)
         if isinstance(exc, DatabaseError) and self._health.broken():
             raise exc  # the batch transaction is broken: retry the whole batch
         return self._fail(batch, item, exc, reason=None)

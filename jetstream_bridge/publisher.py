@@ -28,9 +28,9 @@ from django.db import transaction
 from . import fast_path, metrics
 from .broker import Connection, PubAck
 from .conf import get_config
-from .core.config import BridgeConfig
 from .core.envelope import MSG_ID_HEADER, build_envelope, encode
 from .core.errors import PayloadTooLarge
+from .core.settings import BridgeConfig
 from .outbox import NewEvent, OutboxStore
 from .runtime import get_runtime
 

@@ -31,8 +31,8 @@ from django.db import close_old_connections, connections, transaction
 from . import metrics
 from .broker import Connection, PubAck
 from .conf import get_config
-from .core.config import BridgeConfig
 from .core.errors import NatsError
+from .core.settings import BridgeConfig
 from .outbox import ClaimedRow, OutboxStore, Outcome
 from .runtime import get_runtime
 from .sql import postgresql

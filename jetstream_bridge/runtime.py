@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from .broker import Connection
-from .core.config import BridgeConfig
+from .core.settings import BridgeConfig
 
 logger = logging.getLogger(__name__)
 

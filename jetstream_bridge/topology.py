@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .broker import Connection, ConsumerInfo, StreamInfo
-from .core.config import BridgeConfig
 from .core.errors import JetStreamApiError, TopologyError
+from .core.settings import BridgeConfig
 from .core.subjects import covers
-from .core.topology import (
+from .core.topology_plan import (
     ERR_CONSUMER_EXISTS,
     RETRYABLE_STREAM_ERRORS,
     SubjectPlan,

@@ -10,8 +10,8 @@ from typing import Any
 from django.contrib.auth.models import Permission, User
 from django.utils import timezone
 
-from jetstream_bridge.core.config import BridgeConfig
 from jetstream_bridge.core.envelope import MSG_ID_HEADER, build_envelope
+from jetstream_bridge.core.settings import BridgeConfig
 from jetstream_bridge.handlers import registry
 from jetstream_bridge.models import InboxEvent, OutboxEvent
 from tests.testapp import handlers

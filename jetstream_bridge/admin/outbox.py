@@ -21,10 +21,10 @@ from django.utils.safestring import SafeString
 
 from .. import health
 from ..conf import get_config
-from ..core.config import BridgeConfig
 from ..core.durations import format_age
 from ..core.errors import NatsError
 from ..core.redaction import scrub
+from ..core.settings import BridgeConfig
 from ..exceptions import ConfigurationError
 from ..inbox import inbox_model
 from ..models import InboxStatus, OutboxStatus

@@ -18,9 +18,9 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg as NatsMsg
 
-from ..core.config import BridgeConfig, redact_url
 from ..core.errors import AuthenticationFailed, NatsError, NatsUnavailable
 from ..core.redaction import scrub
+from ..core.settings import BridgeConfig, redact_url
 from .errors import is_refused_login, no_stream_for, translated
 from .manager import JetStreamManager
 from .options import auth_options

@@ -9,8 +9,8 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
-from ..core.config import BridgeConfig
 from ..core.errors import AuthenticationFailed
+from ..core.settings import BridgeConfig
 
 
 def tls_context(config: BridgeConfig) -> ssl.SSLContext | None:

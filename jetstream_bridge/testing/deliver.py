@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..conf import get_config
-from ..core import dlq
+from ..core import dead_letter
 from ..core.envelope import MSG_ID_HEADER, encode
 from ..handlers import Handler, HandlerRegistry, autodiscover, registry
 from ..processing import BatchProcessor, ReceivedMessage, Verdict
@@ -38,7 +38,7 @@ class DeliveryResult:
     verdict: str  # "ack", "retry" or "dead"
     duplicate: bool = False
     retry_delay: float | None = None
-    dead_letter: dlq.DeadLetter | None = None
+    dead_letter: dead_letter.DeadLetter | None = None
 
     @property
     def processed(self) -> bool:

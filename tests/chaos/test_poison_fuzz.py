@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from jetstream_bridge.broker import Connection
-from jetstream_bridge.core import dlq
+from jetstream_bridge.core import dead_letter
 from jetstream_bridge.core.envelope import MSG_ID_HEADER, build_envelope, decode, encode
 from jetstream_bridge.core.errors import MalformedEnvelope
 from jetstream_bridge.topology import ensure_topology
@@ -138,13 +138,13 @@ def poison(kind: str, n: int) -> tuple[bytes, dict[str, str]]:
 
 
 EXPECTED_REASON = {
-    "bytes": dlq.MALFORMED,
-    "missing": dlq.MALFORMED,
-    "reject": dlq.REJECTED,
-    "fails": dlq.MAX_DELIVER,
-    "nul-payload": dlq.MAX_DELIVER,  # the handler's write fails on every delivery
-    "nul-id": dlq.MALFORMED,
-    "status-header": dlq.MALFORMED,
+    "bytes": dead_letter.MALFORMED,
+    "missing": dead_letter.MALFORMED,
+    "reject": dead_letter.REJECTED,
+    "fails": dead_letter.MAX_DELIVER,
+    "nul-payload": dead_letter.MAX_DELIVER,  # the handler's write fails on every delivery
+    "nul-id": dead_letter.MALFORMED,
+    "status-header": dead_letter.MALFORMED,
 }
 
 
@@ -208,7 +208,7 @@ def test_chaos__poison_and_fuzzed_messages_end_processed_or_dead_lettered(
     assert all(code == 0 for code in codes.values()), codes
 
     letters = {
-        int(m.headers[dlq.STREAM_SEQ]): m.headers
+        int(m.headers[dead_letter.STREAM_SEQ]): m.headers
         for m in read_stream(config.stream_name)
         if m.subject == config.subjects.dlq
     }
@@ -218,11 +218,11 @@ def test_chaos__poison_and_fuzzed_messages_end_processed_or_dead_lettered(
         letter = letters.get(seq)
         if kind.startswith("poison:"):
             want = EXPECTED_REASON[kind.split(":")[1]]
-            if letter is None or letter.get(dlq.REASON) != want:
+            if letter is None or letter.get(dead_letter.REASON) != want:
                 failures.append(f"seq {seq} {kind}: want DLQ reason {want}, got {letter}")
             continue
         if letter is not None:
-            if not letter.get(dlq.REASON):
+            if not letter.get(dead_letter.REASON):
                 failures.append(f"seq {seq} {kind}: dead-lettered without a reason")
             elif kind == "good":
                 failures.append(f"seq {seq} good event dead-lettered: {letter}")
@@ -241,7 +241,7 @@ def test_chaos__poison_and_fuzzed_messages_end_processed_or_dead_lettered(
             )
     duplicated = sum(n - 1 for n in applied.values() if n > 1)
     good_applied = sum(1 for e in good if applied.get(e["event_id"]) == 1)
-    reasons = Counter(h.get(dlq.REASON, "") for h in letters.values())
+    reasons = Counter(h.get(dead_letter.REASON, "") for h in letters.values())
     record(
         {
             "scenario": campaign.scenario,

@@ -12,7 +12,7 @@ import pytest
 
 from jetstream_bridge.broker import Connection
 from jetstream_bridge.core.errors import JetStreamBridgeError
-from jetstream_bridge.core.topology import desired_subjects
+from jetstream_bridge.core.topology_plan import desired_subjects
 from jetstream_bridge.topology import ensure_topology
 
 from .harness import (

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from jetstream_bridge.broker import Connection
-from jetstream_bridge.core.config import parse_config
 from jetstream_bridge.core.errors import NatsUnavailable, PublishFailed
+from jetstream_bridge.core.settings import parse_config
 from jetstream_bridge.runtime import get_runtime
 
 

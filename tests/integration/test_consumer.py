@@ -15,7 +15,7 @@ import pytest
 from django.db import DatabaseError, IntegrityError, connection, transaction
 
 from jetstream_bridge.consumer import Consumer
-from jetstream_bridge.core import dlq
+from jetstream_bridge.core import dead_letter
 from jetstream_bridge.core.envelope import build_envelope, encode
 from jetstream_bridge.handlers import HandlerRegistry
 from jetstream_bridge.models import InboxEvent
@@ -124,16 +124,16 @@ def test_consume__poison_message_goes_to_the_dlq_after_max_deliver(bridge: Any) 
     assert stats.dead_lettered == 1
     [letter] = dead_letters(bridge)
     headers = letter.headers
-    assert headers[dlq.REASON] == dlq.MAX_DELIVER
-    assert headers[dlq.ERROR_CLASS] == "ValueError"
-    assert headers[dlq.ERROR_MESSAGE] == "cannot handle this one"
-    assert headers[dlq.ORIGINAL_SUBJECT] == bridge.subjects.subscribe
-    assert headers[dlq.DELIVERIES] == "3"
-    assert headers[dlq.CONSUMER] == DURABLE
-    assert headers[dlq.EVENT_ID] == poison
-    assert headers[dlq.STREAM] == bridge.stream_name
-    assert int(headers[dlq.STREAM_SEQ]) > 0
-    assert headers[dlq.FAILED_AT].endswith("Z")
+    assert headers[dead_letter.REASON] == dead_letter.MAX_DELIVER
+    assert headers[dead_letter.ERROR_CLASS] == "ValueError"
+    assert headers[dead_letter.ERROR_MESSAGE] == "cannot handle this one"
+    assert headers[dead_letter.ORIGINAL_SUBJECT] == bridge.subjects.subscribe
+    assert headers[dead_letter.DELIVERIES] == "3"
+    assert headers[dead_letter.CONSUMER] == DURABLE
+    assert headers[dead_letter.EVENT_ID] == poison
+    assert headers[dead_letter.STREAM] == bridge.stream_name
+    assert int(headers[dead_letter.STREAM_SEQ]) > 0
+    assert headers[dead_letter.FAILED_AT].endswith("Z")
     assert headers["Nats-Msg-Id"] != poison
     assert json.loads(letter.data)["event_id"] == poison
     row = InboxEvent.objects.get(event_id=poison)
@@ -147,13 +147,13 @@ def test_consume__poison_message_goes_to_the_dlq_after_max_deliver(bridge: Any) 
 @pytest.mark.parametrize(
     ("body", "reason", "handler"),
     [
-        (b"\x00\xffnot json", dlq.MALFORMED, handlers.record_effect),
+        (b"\x00\xffnot json", dead_letter.MALFORMED, handlers.record_effect),
         (
             json.dumps({"event_type": "created", "resource_type": "order", "payload": {}}).encode(),
-            dlq.MALFORMED,
+            dead_letter.MALFORMED,
             handlers.record_effect,
         ),
-        (None, dlq.REJECTED, handlers.rejects),
+        (None, dead_letter.REJECTED, handlers.rejects),
         (
             json.dumps(
                 {
@@ -163,7 +163,7 @@ def test_consume__poison_message_goes_to_the_dlq_after_max_deliver(bridge: Any) 
                     "payload": json.loads('{"x":' * 100 + "1" + "}" * 100),
                 }
             ).encode(),
-            dlq.MALFORMED,
+            dead_letter.MALFORMED,
             handlers.record_effect,
         ),
     ],
@@ -184,8 +184,8 @@ def test_consume__unrecoverable_messages_go_to_the_dlq_on_first_delivery(
     publish_raw(bridge, body)
     stats = consume(handler)
     [letter] = dead_letters(bridge)
-    assert letter.headers[dlq.REASON] == reason
-    assert letter.headers[dlq.DELIVERIES] == "1"
+    assert letter.headers[dead_letter.REASON] == reason
+    assert letter.headers[dead_letter.DELIVERIES] == "1"
     assert letter.data == body
     assert stats.dead_lettered == 1
     assert effects() == []
@@ -196,8 +196,8 @@ def test_consume__event_without_a_handler_is_dead_lettered_not_dropped(bridge: A
     publish_incoming(bridge, 1)
     consume(None, registry=HandlerRegistry())
     [letter] = dead_letters(bridge)
-    assert letter.headers[dlq.REASON] == dlq.NO_HANDLER
-    assert "order/created" in letter.headers[dlq.ERROR_MESSAGE]
+    assert letter.headers[dead_letter.REASON] == dead_letter.NO_HANDLER
+    assert "order/created" in letter.headers[dead_letter.ERROR_MESSAGE]
 
 
 def test_consume__a_message_naming_code_never_imports_it(bridge: Any) -> None:
@@ -208,8 +208,8 @@ def test_consume__a_message_naming_code_never_imports_it(bridge: Any) -> None:
     publish_raw(bridge, encode(envelope))
     consume(None, registry=HandlerRegistry())
     [letter] = dead_letters(bridge)
-    assert letter.headers[dlq.REASON] == dlq.NO_HANDLER
-    assert "os/system" in letter.headers[dlq.ERROR_MESSAGE]
+    assert letter.headers[dead_letter.REASON] == dead_letter.NO_HANDLER
+    assert "os/system" in letter.headers[dead_letter.ERROR_MESSAGE]
 
 
 def test_consume__registry_dispatches_by_resource_and_event_type(bridge: Any) -> None:
@@ -276,8 +276,8 @@ def _assert_failed_then_dead_lettered(bridge: Any, poison: str, good: list[str])
     assert (rows[poison].status, rows[poison].deliveries) == ("failed", 3)
     assert rows[poison].last_error == "ValueError: cannot handle this one"
     [letter] = dead_letters(bridge)
-    assert letter.headers[dlq.REASON] == dlq.MAX_DELIVER
-    assert letter.headers[dlq.EVENT_ID] == poison
+    assert letter.headers[dead_letter.REASON] == dead_letter.MAX_DELIVER
+    assert letter.headers[dead_letter.EVENT_ID] == poison
 
 
 def test_consume__failing_handler_redoes_the_batch_with_savepoints_by_default(
@@ -327,8 +327,8 @@ def test_consume__reject_and_malformed_in_a_batch_leave_the_others_applied_once(
     assert sorted(effects()) == sorted(good + more)
     assert (stats.processed, stats.dead_lettered) == (4, 2)
     assert stats.redone == 1  # the rejection; the malformed message needs no handler
-    reasons = sorted(letter.headers[dlq.REASON] for letter in dead_letters(bridge))
-    assert reasons == sorted([dlq.MALFORMED, dlq.REJECTED])
+    reasons = sorted(letter.headers[dead_letter.REASON] for letter in dead_letters(bridge))
+    assert reasons == sorted([dead_letter.MALFORMED, dead_letter.REJECTED])
     assert InboxEvent.objects.get(event_id=rejected).status == "failed"
     assert InboxEvent.objects.filter(status="processed").count() == 4
 

@@ -12,7 +12,7 @@ import pytest
 
 from jetstream_bridge import dlq
 from jetstream_bridge.consumer import Consumer
-from jetstream_bridge.core import dlq as letters
+from jetstream_bridge.core import dead_letter as letters
 from jetstream_bridge.core.envelope import MSG_ID_HEADER
 from jetstream_bridge.models import InboxEvent
 from jetstream_bridge.topology import ensure_topology

@@ -12,7 +12,7 @@ import pytest
 from django.test import RequestFactory
 from django.utils import timezone
 
-from jetstream_bridge.core.topology import desired_subjects
+from jetstream_bridge.core.topology_plan import desired_subjects
 from jetstream_bridge.health import HEALTHY, UNHEALTHY, UNREACHABLE, check, check_async
 from jetstream_bridge.models import OutboxEvent
 from jetstream_bridge.topology import ensure_topology
@@ -77,7 +77,7 @@ def test_health__async_twin_gives_the_same_answer(bridge: Any) -> None:
 
 
 def test_health__other_apps_consumers_on_the_shared_stream_are_not_reported(bridge: Any) -> None:
-    from jetstream_bridge.core.topology import consumer_config
+    from jetstream_bridge.core.topology_plan import consumer_config
 
     # The peer's durable reads the subject this app publishes to, in the same stream.
     peer = consumer_config(bridge, "beta-events", bridge.subjects.publish)

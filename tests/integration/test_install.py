@@ -11,8 +11,8 @@ from django.core.management import call_command, load_command_class
 from django.core.management.base import CommandError
 from django.db import connection
 
-from jetstream_bridge.core.config import parse_config
-from jetstream_bridge.core.settings_schema import KNOWN_KEYS
+from jetstream_bridge.core.settings import parse_config
+from jetstream_bridge.core.settings.schema import KNOWN_KEYS
 from jetstream_bridge.install import pending_migrations, settings_block
 from tests.helpers import manage
 

@@ -19,10 +19,10 @@ from prometheus_client import REGISTRY, generate_latest
 from jetstream_bridge import Publisher, metrics
 from jetstream_bridge.conf import get_config
 from jetstream_bridge.consumer import Consumer
-from jetstream_bridge.core import dlq
-from jetstream_bridge.core.config import BridgeConfig
+from jetstream_bridge.core import dead_letter
 from jetstream_bridge.core.envelope import build_envelope, encode
 from jetstream_bridge.core.errors import NatsError
+from jetstream_bridge.core.settings import BridgeConfig
 from jetstream_bridge.outbox import NewEvent, OutboxStore
 from jetstream_bridge.relay import Relay
 from jetstream_bridge.runtime import reset_runtime
@@ -144,7 +144,7 @@ def test_metrics__consuming_counts_each_outcome_times_handlers_and_reports_lag(
         outcome: count("jetstream_bridge_consumed_total", outcome=outcome, **labels)
         for outcome in ("processed", "duplicate", "retried", "dead_lettered")
     }
-    dead = count("jetstream_bridge_dead_lettered_total", reason=dlq.MAX_DELIVER, **labels)
+    dead = count("jetstream_bridge_dead_lettered_total", reason=dead_letter.MAX_DELIVER, **labels)
     timed = count("jetstream_bridge_handler_duration_seconds_count", **labels)
 
     publish_incoming(bridge, 3)
@@ -175,9 +175,9 @@ def test_metrics__consuming_counts_each_outcome_times_handlers_and_reports_lag(
         for outcome, value in before.items()
     }
     assert moved == {"processed": 4, "duplicate": 1, "retried": 1, "dead_lettered": 1}
-    assert count("jetstream_bridge_dead_lettered_total", reason=dlq.MAX_DELIVER, **labels) == (
-        dead + 1
-    )
+    assert count(
+        "jetstream_bridge_dead_lettered_total", reason=dead_letter.MAX_DELIVER, **labels
+    ) == (dead + 1)
     # Four successful calls and two failing ones; the duplicate never reaches the handler.
     assert count("jetstream_bridge_handler_duration_seconds_count", **labels) - timed == 6
     assert sample("jetstream_bridge_consumer_pending_messages", **lag) == 0
@@ -236,7 +236,7 @@ def test_metrics__without_prometheus_client_every_function_is_a_no_op(
         ("jetstream_bridge_relayed_total", {}),
         ("jetstream_bridge_relay_failures_total", {}),
         ("jetstream_bridge_consumed_total", {"consumer": "c", "outcome": "processed"}),
-        ("jetstream_bridge_dead_lettered_total", {"consumer": "c", "reason": dlq.REJECTED}),
+        ("jetstream_bridge_dead_lettered_total", {"consumer": "c", "reason": dead_letter.REJECTED}),
     ]
     before = [REGISTRY.get_sample_value(name, labels) for name, labels in samples]
 
@@ -246,7 +246,7 @@ def test_metrics__without_prometheus_client_every_function_is_a_no_op(
     metrics.published("sent")
     metrics.relayed(5, 2)
     metrics.consumed("c", "processed")
-    metrics.dead_lettered("c", dlq.REJECTED)
+    metrics.dead_lettered("c", dead_letter.REJECTED)
     assert metrics.timed(handler, "c") is handler
     assert list(metrics.COLLECTOR.collect()) == []
     response = metrics.metrics_view(RequestFactory().get("/metrics"))

@@ -15,7 +15,7 @@ import pytest
 from django.db import DatabaseError, OperationalError, connection
 
 from jetstream_bridge.conf import get_config
-from jetstream_bridge.core import dlq
+from jetstream_bridge.core import dead_letter
 from jetstream_bridge.core.envelope import build_envelope, encode
 from jetstream_bridge.core.errors import RejectMessage
 from jetstream_bridge.handlers import HandlerRegistry
@@ -177,7 +177,7 @@ def test_processing__a_malformed_body_is_dead_lettered_and_the_rest_applied(
     dead = outcomes[0].dead
     assert dead is not None
     assert (dead.reason, dead.error_class, dead.event_id) == (
-        dlq.MALFORMED,
+        dead_letter.MALFORMED,
         "MalformedEnvelope",
         None,
     )
@@ -200,7 +200,7 @@ def test_processing__an_event_without_a_handler_is_dead_lettered(bridge: Any) ->
     assert outcome.verdict is Verdict.DEAD
     assert outcome.dead is not None
     assert (outcome.dead.reason, outcome.dead.error_class, outcome.dead.event_id) == (
-        dlq.NO_HANDLER,
+        dead_letter.NO_HANDLER,
         "LookupError",
         e["event_id"],
     )
@@ -223,7 +223,7 @@ def test_processing__reject_message_dead_letters_on_the_first_delivery(bridge: A
     assert [o.verdict for o in outcomes] == [Verdict.ACK, Verdict.DEAD]
     assert outcomes[1].dead is not None
     assert (outcomes[1].dead.reason, outcomes[1].dead.error_message) == (
-        dlq.REJECTED,
+        dead_letter.REJECTED,
         "customer does not exist",
     )
     assert effects() == [good["event_id"]]
@@ -277,8 +277,8 @@ def test_processing__retries_follow_the_backoff_then_the_last_delivery_dead_lett
     assert verdicts(outcomes[:2]) == [("retry", 1.0), ("retry", 2.0)]
     last = outcomes[2]
     assert last.verdict is Verdict.DEAD
-    assert last.dead == dlq.DeadLetter(
-        reason=dlq.MAX_DELIVER,
+    assert last.dead == dead_letter.DeadLetter(
+        reason=dead_letter.MAX_DELIVER,
         error_class="ValueError",
         error_message="cannot handle this one",
         original_subject="test.data.sync.alpha.beta",
@@ -400,7 +400,7 @@ def test_processing__after_a_database_error_retries_then_keeps_the_last_delivery
     assert outcomes[1].dead is not None
     assert outcomes[2].dead is not None
     assert (outcomes[1].dead.reason, outcomes[1].dead.error_class) == (
-        dlq.MAX_DELIVER,
+        dead_letter.MAX_DELIVER,
         "OperationalError",
     )
     assert (outcomes[1].dead.event_id, outcomes[2].dead.event_id) == (e["event_id"], None)
@@ -436,5 +436,5 @@ def test_processing__process_message_is_a_batch_of_one(bridge: Any) -> None:
     outcome = processor(rejects).process_message(received(e))
     assert outcome.verdict is Verdict.DEAD
     assert outcome.dead is not None
-    assert outcome.dead.reason == dlq.REJECTED
+    assert outcome.dead.reason == dead_letter.REJECTED
     assert rows()[e["event_id"]].status == "failed"

@@ -27,9 +27,9 @@ from django.utils import timezone
 from jetstream_bridge import Publisher
 from jetstream_bridge.broker import Connection
 from jetstream_bridge.conf import get_config
-from jetstream_bridge.core.config import BridgeConfig
 from jetstream_bridge.core.envelope import build_envelope
 from jetstream_bridge.core.errors import NatsError
+from jetstream_bridge.core.settings import BridgeConfig
 from jetstream_bridge.fast_path import fast_path
 from jetstream_bridge.models import OutboxEvent, OutboxStatus
 from jetstream_bridge.outbox import ClaimedRow, LeaseFieldsMissing, OutboxStore

@@ -36,8 +36,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from jetstream_bridge.broker import Connection
-from jetstream_bridge.core.config import BridgeConfig, parse_config
 from jetstream_bridge.core.errors import AuthenticationFailed, NatsError
+from jetstream_bridge.core.settings import BridgeConfig, parse_config
 from jetstream_bridge.testing.server import NatsServer, ServerNotFound, find_nats_server
 
 try:

@@ -12,7 +12,7 @@ import pytest
 from django.db import transaction
 
 from jetstream_bridge import Publisher, publisher
-from jetstream_bridge.core import dlq
+from jetstream_bridge.core import dead_letter
 from jetstream_bridge.core.envelope import build_envelope
 from jetstream_bridge.core.errors import RejectMessage
 from jetstream_bridge.models import InboxEvent, OutboxEvent
@@ -320,7 +320,7 @@ def test_deliver__a_failure_is_retried_with_the_backoff_then_dead_lettered(
     assert last.dead_lettered
     assert last.dead_letter is not None
     assert (last.dead_letter.reason, last.dead_letter.error_message) == (
-        dlq.MAX_DELIVER,
+        dead_letter.MAX_DELIVER,
         "cannot handle this one",
     )
     assert InboxEvent.objects.get().status == "failed"
@@ -334,11 +334,11 @@ def test_deliver__reject_message_dead_letters_at_once(bridge: Any, jetstream_del
 
     result = jetstream_deliver(incoming(), reject)
     assert result.dead_letter is not None
-    assert result.dead_letter.reason == dlq.REJECTED
+    assert result.dead_letter.reason == dead_letter.REJECTED
 
 
 @pytest.mark.django_db(transaction=True)
 def test_deliver__malformed_bytes_are_dead_lettered(bridge: Any, jetstream_deliver: Any) -> None:
     result = jetstream_deliver(b"{not json", handlers.record_effect)
     assert result.dead_letter is not None
-    assert result.dead_letter.reason == dlq.MALFORMED
+    assert result.dead_letter.reason == dead_letter.MALFORMED

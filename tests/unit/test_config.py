@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from jetstream_bridge.core.config import Secret, parse_config, redact_url
+from jetstream_bridge.core.settings import Secret, parse_config, redact_url
 
 
 def ids(raw: Any) -> list[str]:

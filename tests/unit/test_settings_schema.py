@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from jetstream_bridge.core import problems as problems_module
-from jetstream_bridge.core.config import BridgeConfig, describe_keys, parse_config
-from jetstream_bridge.core.problems import BAD_MODEL, CHECKS, Check, check_list
-from jetstream_bridge.core.settings_schema import (
+from jetstream_bridge.core.settings import problems as problems_module
+from jetstream_bridge.core.settings import BridgeConfig, describe_keys, parse_config
+from jetstream_bridge.core.settings.problems import BAD_MODEL, CHECKS, Check, check_list
+from jetstream_bridge.core.settings.schema import (
     ENV_FALLBACKS,
     SETTINGS,
     settings_table,

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeGuard
 from urllib.parse import urlsplit
 
-from .durations import parse_duration
+from ..durations import parse_duration
+from ..redaction import Secret, redact_url
+from ..subjects import is_reserved, subject_problem, token_problem
 from .problems import (
     BAD_BOOLEAN,
     BAD_CHOICE,
@@ -25,8 +27,6 @@ from .problems import (
     BAD_URL,
     Problem,
 )
-from .redaction import Secret, redact_url
-from .subjects import is_reserved, subject_problem, token_problem
 
 _STREAM_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _TRUE = ("1", "true", "yes", "on")

@@ -4,7 +4,7 @@ One parser serves two callers: Django system checks (which report every ``Proble
 and the runtime (which raises on the first use of a misconfigured bridge). Nothing here
 imports Django.
 
-The parse has three steps: every key on its own (``settings_schema.SETTINGS``, where each
+The parse has three steps: every key on its own (``schema.SETTINGS``, where each
 setting is declared), then the rules that span keys (``validators.VALIDATORS``), then the
 problems sorted into documentation order with unknown keys first.
 """
@@ -14,11 +14,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .durations import format_duration
+from ..durations import format_duration
+from ..redaction import Secret, redact_url
+from ..subjects import Subjects
 from .problems import NOT_A_DICT, Problem, first_error
-from .redaction import Secret, redact_url
-from .settings_schema import KNOWN_KEYS, in_key_order, parse_settings, unknown_keys
-from .subjects import Subjects
+from .schema import KNOWN_KEYS, in_key_order, parse_settings, unknown_keys
 from .validators import VALIDATORS
 
 __all__ = [

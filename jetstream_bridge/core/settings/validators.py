@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from .durations import format_duration
+from ..durations import format_duration
 from .problems import (
     AUTH_CONFLICT,
     BACKOFF_TOO_LONG,

@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .problems import UNKNOWN_KEY, Problem
-from .setting_kinds import (
+from ..subjects import dlq_subject, stream_name
+from .kinds import (
     Boolean,
     Choice,
     Duration,
@@ -32,7 +32,7 @@ from .setting_kinds import (
     Token,
     Urls,
 )
-from .subjects import dlq_subject, stream_name
+from .problems import UNKNOWN_KEY, Problem
 
 DEFAULT_ENV = "development"
 

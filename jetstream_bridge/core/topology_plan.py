@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import BridgeConfig
 from .durations import to_nanos
+from .settings import BridgeConfig
 from .subjects import covers, is_reserved
 
 # JetStream API error codes the bridge branches on.
