@@ -34,6 +34,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 # The fault-injection campaign at full scale (PostgreSQL required, e.g.
 # DATABASE_URL=postgres://postgres@127.0.0.1:5432/jsb make chaos); `make test` runs the same

@@ -62,7 +62,7 @@ class Consumer:
     handles every event; without it the registry decides per resource/event type.
     """
 
-    def __init__(  # noqa: PLR0913, RUF100 (public keyword-only constructor)
+    def __init__(  # noqa: PLR0913 (public keyword-only constructor)
         self,
         *,
         durable_name: str,

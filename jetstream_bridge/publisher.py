@@ -98,6 +98,9 @@ class PreparedEvent:
 class Sender(Protocol):
     """Where prepared events go: the interface ``use_sender()`` takes.
 
+    ``send``/``send_async`` return a ``PubAck`` (importable from here): the stream's name and
+    sequence, and whether the stream dropped the message as a duplicate.
+
     The default (``NatsSender``) publishes to JetStream; the testing kit's ``Capture``
     records instead. A sender is called from the publishing thread (``send``), its event loop
     (``send_async``), or a commit hook (``after_commit``).
@@ -200,7 +203,7 @@ class Publisher:
 
     # -- sync ---------------------------------------------------------------------------------
 
-    def publish(
+    def publish(  # noqa: PLR0913 (public keyword-only API)
         self,
         *,
         resource_type: str,
@@ -233,7 +236,7 @@ class Publisher:
 
     # -- async --------------------------------------------------------------------------------
 
-    async def publish_async(
+    async def publish_async(  # noqa: PLR0913 (public keyword-only API)
         self,
         *,
         resource_type: str,
@@ -341,3 +344,15 @@ def _result(event: PreparedEvent, status: Status, ack: PubAck | None = None) -> 
         ack.stream if ack else None,
         ack.seq if ack else None,
     )
+
+
+__all__ = [
+    "NatsSender",
+    "PreparedEvent",
+    "PubAck",
+    "PublishResult",
+    "Publisher",
+    "Sender",
+    "current_sender",
+    "use_sender",
+]

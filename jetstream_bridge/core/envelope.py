@@ -90,7 +90,7 @@ def _require_text(name: str, value: object) -> str:
     return value
 
 
-def build_envelope(
+def build_envelope(  # noqa: PLR0913 (keyword-only: one argument per envelope field)
     *,
     producer: str,
     resource_type: str,

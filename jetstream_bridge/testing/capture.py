@@ -30,8 +30,7 @@ from typing import Any
 
 from django.db import connections
 
-from ..broker import PubAck
-from ..publisher import PreparedEvent, Sender, use_sender
+from ..publisher import PreparedEvent, PubAck, Sender, use_sender
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ class DeliveryResult:
         return self.verdict == "dead"
 
 
-def deliver(  # noqa: PLR0913, RUF100 (public test helper, keyword-only knobs)
+def deliver(  # noqa: PLR0913 (public test helper, keyword-only knobs)
     message: Mapping[str, Any] | bytes,
     handler: Handler | None = None,
     *,

@@ -52,7 +52,7 @@ class NatsServer:
     ``config`` is extra nats-server configuration text (authorization, tls, cluster blocks).
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 (public keyword-only constructor)
         self,
         *,
         port: int | None = None,

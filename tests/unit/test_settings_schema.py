@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from jetstream_bridge.core.settings import problems as problems_module
 from jetstream_bridge.core.settings import BridgeConfig, describe_keys, parse_config
+from jetstream_bridge.core.settings import problems as problems_module
 from jetstream_bridge.core.settings.problems import BAD_MODEL, CHECKS, Check, check_list
 from jetstream_bridge.core.settings.schema import (
     ENV_FALLBACKS,
