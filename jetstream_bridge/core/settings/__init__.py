@@ -15,8 +15,9 @@ Django reads the setting in ``jetstream_bridge.conf`` and reports problems as sy
 from __future__ import annotations
 
 from ..redaction import Secret, redact_url
-from .config import KNOWN_KEYS, BridgeConfig, describe_keys, parse_config
+from .config import BridgeConfig, describe_keys, parse_config
 from .problems import Problem, first_error
+from .schema import KNOWN_KEYS
 
 __all__ = [
     "KNOWN_KEYS",

@@ -17,20 +17,11 @@ from dataclasses import dataclass, field
 from ..durations import format_duration
 from ..redaction import Secret, redact_url
 from ..subjects import Subjects
-from .problems import NOT_A_DICT, Problem, first_error
+from .problems import NOT_A_DICT, Problem
 from .schema import KNOWN_KEYS, in_key_order, parse_settings, unknown_keys
 from .validators import VALIDATORS
 
-__all__ = [
-    "KNOWN_KEYS",
-    "BridgeConfig",
-    "Problem",
-    "Secret",
-    "describe_keys",
-    "first_error",
-    "parse_config",
-    "redact_url",
-]
+__all__ = ["BridgeConfig", "describe_keys", "parse_config"]
 
 
 @dataclass(frozen=True)
