@@ -530,7 +530,7 @@ def breakdown(report: Report) -> str:
         lines += [
             "| Writing one outbox row inside a transaction | median |",
             "| --- | ---: |",
-            f"| `outbox.write_event`, as `publish()` writes it | {ms(orm)} |",
+            f"| `OutboxStore.write`, as `publish()` writes it | {ms(orm)} |",
             f"| the same row with a hand-written `INSERT` (the floor) | {ms(raw)} |",
         ]
     return "\n".join(lines).strip()
