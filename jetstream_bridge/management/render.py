@@ -178,7 +178,7 @@ def _invalid_text(name: str, value: str) -> str:
 
 def _verification_line(message: DeadLetterMessage) -> str:
     if message.verification == core_dlq.VERIFIED:
-        return "signature    verified: written by this bridge with DLQ_SIGNING_KEY"
+        return "signature    verified: signed with DLQ_SIGNING_KEY by a bridge holding it"
     if message.verification == core_dlq.UNVERIFIED:
         return (
             "signature    UNVERIFIED: no valid Jsb-Signature; this bridge did not write it (or "
