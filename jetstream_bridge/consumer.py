@@ -28,7 +28,8 @@ from . import metrics
 from .broker import Connection, Delivery
 from .conf import get_config
 from .core import dead_letter
-from .core.errors import ConsumerNotFound, NatsError
+from .core.envelope import MSG_ID_HEADER
+from .core.errors import ConsumerNotFound, NatsError, PublishFailed
 from .core.settings import BridgeConfig
 from .handlers import Handler, HandlerRegistry, autodiscover, registry
 from .processing import BatchProcessor, Outcome, ReceivedMessage, Verdict
@@ -306,12 +307,25 @@ class Consumer:
             )
             await self._retry(delivery, self.processor.decisions.retry_delay(message))
             return
+        key = dead_letter.signing_key(self.config.dlq_signing_key)
+        headers = dead.headers(message.data, key=key)
         try:
-            await conn.publish(self.config.subjects.dlq, message.data, dead.headers())
-        except NatsError as exc:
+            ack = await conn.publish(self.config.subjects.dlq, message.data, headers)
+        except (NatsError, PublishFailed) as exc:
             logger.error(
                 "DLQ publish failed; retrying the message later: %s",
                 exc,
+                extra=_fields(message, dead),
+            )
+            await self._retry(delivery, self.processor.decisions.retry_delay(message))
+            return
+        if ack.duplicate:
+            # The stream dropped the letter as a copy of one it already holds: with a random
+            # message id that means someone else wrote under it. Terminating now would lose
+            # the message; it comes back and is dead-lettered under a fresh id.
+            logger.error(
+                "DLQ publish dropped as a duplicate of %s; retrying the message later",
+                headers[MSG_ID_HEADER],
                 extra=_fields(message, dead),
             )
             await self._retry(delivery, self.processor.decisions.retry_delay(message))

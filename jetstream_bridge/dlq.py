@@ -4,9 +4,16 @@ Dead letters are messages on ``DLQ_SUBJECT`` in whichever stream stores that sub
 the bridge's own), so each is addressed by its stream sequence. The header names live in
 ``jetstream_bridge.core.dead_letter``; this module reads and acts on them.
 
-Replay republishes the stored body to the subject it failed on, under a new ``Nats-Msg-Id``
-(``replay:<dlq-seq>:<run>``): the original id may still sit in the stream's dedupe window and
-would make the server drop the copy. Exactly-once handling does not depend on that id: the
+Whoever may publish on the DLQ subject can put a forged letter there, so replay trusts no
+header: it republishes only to this app's own inbound subject unless the operator names another
+(``ReplayPolicy.subjects``), and with ``DLQ_SIGNING_KEY`` set it skips letters whose signature
+does not verify unless told to include them. A header that does not parse is shown as written
+and marked invalid; it never stops a listing or a replay.
+
+Replay republishes the stored body under a new ``Nats-Msg-Id`` (``replay:<dlq-seq>:<random>``):
+the original id may still sit in the stream's dedupe window and would make the server drop the
+copy, and a predictable id could be published first to the same effect, so a ``duplicate`` ack
+counts as a failure and the letter stays. Exactly-once handling does not depend on that id: the
 consumer's inbox recognises the event id, so an event that was processed meanwhile is acked as
 a duplicate instead of being handled twice.
 
@@ -19,19 +26,19 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from typing import Any, TypeVar
 
 from .broker import Connection, StoredMessage
 from .conf import get_config
 from .core import dead_letter as core_dlq
+from .core.dead_letter import ReplayPolicy as ReplayPolicy  # re-exported for the commands
 from .core.envelope import MSG_ID_HEADER
 from .core.errors import JetStreamApiError, PublishFailed
 from .core.settings import BridgeConfig
-from .core.subjects import is_reserved, subject_problem
 from .runtime import get_runtime
 
 logger = logging.getLogger(__name__)
@@ -55,9 +62,17 @@ def _parse_time(value: str) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 @dataclass(frozen=True)
 class DeadLetterMessage:
-    """One message on the DLQ subject, as stored."""
+    """One message on the DLQ subject, as stored.
+
+    ``verification`` says whether the bridge wrote it (``core.dead_letter.VERIFIED``), as far
+    as the configured signing key can tell.
+    """
 
     stream: str
     seq: int
@@ -65,21 +80,26 @@ class DeadLetterMessage:
     stored_at: datetime | None
     headers: dict[str, str]
     data: bytes = field(repr=False)
+    verification: str = core_dlq.UNVERIFIABLE
 
     @classmethod
-    def from_stored(cls, stream: str, message: StoredMessage) -> DeadLetterMessage:
+    def from_stored(
+        cls, stream: str, message: StoredMessage, key: bytes | None = None
+    ) -> DeadLetterMessage:
+        headers = dict(message.headers)
         return cls(
             stream=stream,
             seq=message.seq,
             subject=message.subject,
             stored_at=_parse_time(message.time),
-            headers=dict(message.headers),
+            headers=headers,
             data=message.data,
+            verification=core_dlq.verification(headers, message.data, key),
         )
 
     @property
-    def letter(self) -> core_dlq.DeadLetter:
-        return core_dlq.DeadLetter.from_headers(self.headers)
+    def letter(self) -> core_dlq.ClaimedLetter:
+        return core_dlq.ClaimedLetter.from_headers(self.headers)
 
     @property
     def reason(self) -> str:
@@ -99,18 +119,25 @@ class DeadLetterMessage:
             return None
         return max(0.0, ((now or datetime.now(timezone.utc)) - self.stored_at).total_seconds())
 
-    def body(self) -> Any:
-        """Return the body decoded as JSON, or ``None`` when it is not JSON."""
+    @cached_property
+    def _json(self) -> tuple[Any, str | None]:
         try:
-            return json.loads(self.data)
-        except ValueError:
-            return None
+            # NaN and Infinity would make `--json` output invalid, and a nesting too deep to
+            # load or dump raises RecursionError: either way the body is shown as text.
+            decoded = json.loads(self.data, parse_constant=_reject_constant)
+            return decoded, json.dumps(decoded, indent=2, sort_keys=True, ensure_ascii=False)
+        except (ValueError, RecursionError):
+            return None, None
+
+    def body(self) -> Any:
+        """Return the body decoded as JSON, or ``None`` when it is not (strict) JSON."""
+        return self._json[0]
 
     def body_text(self) -> str:
         """Return the body for humans: indented JSON, else text, else escaped bytes."""
-        decoded = self.body()
-        if decoded is not None:
-            return json.dumps(decoded, indent=2, sort_keys=True, ensure_ascii=False)
+        pretty = self._json[1]
+        if pretty is not None:
+            return pretty
         try:
             return self.data.decode("utf-8")
         except UnicodeDecodeError:
@@ -133,6 +160,9 @@ class DeadLetterMessage:
             "deliveries": letter.deliveries,
             "consumer": letter.consumer,
             "event_id": letter.event_id,
+            "failed_at": letter.failed_at.isoformat() if letter.failed_at else None,
+            "verification": self.verification,
+            "invalid_headers": dict(letter.invalid),
         }
         if body:
             result["headers"] = dict(self.headers)
@@ -238,12 +268,13 @@ async def _scan(
     # the DLQ with a higher sequence and must not be picked up by the same run.
     last = min(depth.last_seq, upto_seq) if upto_seq is not None else depth.last_seq
     now = datetime.now(timezone.utc)
+    key = core_dlq.signing_key(config.dlq_signing_key)
     found: list[DeadLetterMessage] = []
     if selection.seqs:
         for seq in sorted(selection.seqs):
             stored = await conn.jsm.get_message(stream, seq) if seq <= last else None
             if stored is not None and stored.subject == subject:
-                message = DeadLetterMessage.from_stored(stream, stored)
+                message = DeadLetterMessage.from_stored(stream, stored, key)
                 if selection.matches(message, now):
                     found.append(message)
         return depth, found[:limit] if limit is not None else found
@@ -252,7 +283,7 @@ async def _scan(
         stored = await conn.jsm.next_message(stream, seq, subject)
         if stored is None or stored.seq > last:
             break
-        message = DeadLetterMessage.from_stored(stream, stored)
+        message = DeadLetterMessage.from_stored(stream, stored, key)
         if selection.matches(message, now):
             found.append(message)
         seq = stored.seq + 1
@@ -278,29 +309,18 @@ async def get_async(conn: Connection, config: BridgeConfig, seq: int) -> DeadLet
     stored = await conn.jsm.get_message(stream, seq)
     if stored is None or stored.subject != config.subjects.dlq:
         return None
-    return DeadLetterMessage.from_stored(stream, stored)
+    return DeadLetterMessage.from_stored(
+        stream, stored, core_dlq.signing_key(config.dlq_signing_key)
+    )
 
 
-def replay_problem(config: BridgeConfig, subject: str) -> str | None:
+def replay_problem(config: BridgeConfig, subject: str, allowed: Collection[str] = ()) -> str | None:
     """Return why a dead letter must not be republished to ``subject``, or ``None``.
 
-    Headers are data anyone with publish rights on the DLQ subject could have written, so the
-    target is confined to the bridge's own ``{env}.data.sync.`` subjects: never ``$JS.API``,
-    never the DLQ itself, never a wildcard.
+    Allowed are this app's inbound subject and the subjects in ``allowed``
+    (``core.dead_letter.target_problem`` has the rules).
     """
-    if not subject:
-        return f"no {core_dlq.ORIGINAL_SUBJECT} header"
-    problem = subject_problem(subject, allow_wildcards=False)
-    if problem:
-        return f"original subject {subject!r} {problem}"
-    if is_reserved(subject) or subject.startswith("$"):
-        return f"refusing to publish to system subject {subject!r}"
-    if subject == config.subjects.dlq:
-        return "the original subject is the DLQ itself"
-    prefix = f"{config.env}.data.sync."
-    if not subject.startswith(prefix):
-        return f"refusing to publish to {subject!r}: outside this bridge's {prefix}* subjects"
-    return None
+    return core_dlq.target_problem(config.subjects, subject, allowed)
 
 
 async def replay_async(
@@ -309,56 +329,61 @@ async def replay_async(
     selection: Selection | None = None,
     *,
     keep: bool = False,
+    policy: ReplayPolicy | None = None,
 ) -> ReplayResult:
     """Republish the selected dead letters to their original subjects, oldest first.
 
+    ``policy`` allows more targets than this app's inbound subject, or unverified letters.
     Each successfully republished message is deleted from the DLQ unless ``keep``; one that
-    cannot be republished stays there and is listed in ``failed``. A lost connection aborts
-    the run (what was replayed so far stays replayed).
+    cannot or must not be republished stays there and is listed in ``failed``. A lost
+    connection aborts the run (what was replayed so far stays replayed).
     """
+    policy = policy or ReplayPolicy()
     _, messages = await _scan(conn, config, selection)
-    run = time.time_ns() // 1_000_000
     result = ReplayResult()
     for message in messages:
-        target = message.original_subject
-        problem = replay_problem(config, target)
+        problem = policy.problem(config.subjects, message.original_subject, message.verification)
         if problem:
             result.failed.append((message.seq, problem))
             continue
-        replay_headers = {
-            MSG_ID_HEADER: f"replay:{message.seq}:{run}",
-            core_dlq.REPLAY_OF: str(message.seq),
-        }
-        try:
-            ack = await conn.publish(target, message.data, replay_headers)
-        except (PublishFailed, JetStreamApiError) as exc:
-            result.failed.append((message.seq, str(exc)))
-            logger.warning(
-                "replay of dead letter %d failed: %s",
-                message.seq,
-                exc,
-                extra={"dlq_seq": message.seq, "subject": target},
-            )
-            continue
-        result.replayed.append((message.seq, ack.seq))
-        logger.info(
-            "replayed dead letter %d to %s",
-            message.seq,
-            target,
-            extra={
-                "dlq_seq": message.seq,
-                "subject": target,
-                "stream_seq": ack.seq,
-                "event_id": message.letter.event_id,
-            },
-        )
-        if not keep:
+        new_seq = await _republish(conn, message, result)
+        if new_seq is not None and not keep:
             try:
                 await conn.jsm.delete_message(message.stream, message.seq)
                 result.deleted += 1
             except JetStreamApiError as exc:  # deleted meanwhile by someone else
                 logger.info("dead letter %d already gone: %s", message.seq, exc)
     return result
+
+
+async def _republish(
+    conn: Connection, message: DeadLetterMessage, result: ReplayResult
+) -> int | None:
+    """Publish ``message`` to its original subject; return the new sequence, or ``None``."""
+    target = message.original_subject
+    # Random, so that nobody can publish the id first and have the server drop the copy.
+    replay_id = f"replay:{message.seq}:{core_dlq.nonce()}"
+    headers = {MSG_ID_HEADER: replay_id, core_dlq.REPLAY_OF: str(message.seq)}
+    fields: dict[str, Any] = {"dlq_seq": message.seq, "subject": target}
+    try:
+        ack = await conn.publish(target, message.data, headers)
+    except (PublishFailed, JetStreamApiError) as exc:
+        result.failed.append((message.seq, str(exc)))
+        logger.warning("replay of dead letter %d failed: %s", message.seq, exc, extra=fields)
+        return None
+    if ack.duplicate:
+        why = f"the stream already held message id {replay_id!r}; kept in the DLQ, try again"
+        result.failed.append((message.seq, why))
+        logger.error("replay of dead letter %d dropped as a duplicate", message.seq, extra=fields)
+        return None
+    result.replayed.append((message.seq, ack.seq))
+    logger.info(
+        "replayed dead letter %d to %s",
+        message.seq,
+        target,
+        extra={**fields, "stream_seq": ack.seq, "event_id": message.letter.event_id},
+    )
+    return ack.seq
 
 
 async def count_async(
@@ -429,9 +454,14 @@ def get_dead_letter(seq: int) -> DeadLetterMessage | None:
     return _call(lambda conn: get_async(conn, config, seq))
 
 
-def replay(selection: Selection | None = None, *, keep: bool = False) -> ReplayResult:
+def replay(
+    selection: Selection | None = None,
+    *,
+    keep: bool = False,
+    policy: ReplayPolicy | None = None,
+) -> ReplayResult:
     config = get_config()
-    return _call(lambda conn: replay_async(conn, config, selection, keep=keep))
+    return _call(lambda conn: replay_async(conn, config, selection, keep=keep, policy=policy))
 
 
 def count(selection: Selection | None = None) -> tuple[int, int]:

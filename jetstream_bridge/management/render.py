@@ -1,10 +1,16 @@
-"""Text for a terminal: the health report and dead letters, as the commands print them."""
+"""Text for a terminal: the health report and dead letters, as the commands print them.
+
+Dead letters hold whatever their sender wrote, so every text taken from one goes through
+``printable()``: a forged header or body must not move the cursor, recolour the terminal,
+set its title or reorder the text around it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
+from ..core import dead_letter as core_dlq
 from ..core.durations import format_age
 from ..dlq import DeadLetterMessage
 from ..health import ConsumerLag, HealthReport, OutboxBacklog
@@ -75,8 +81,43 @@ def _outbox_text(outbox: OutboxBacklog) -> str:
     return f"{counts}{oldest}"
 
 
+_NAMED_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if char in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[char]
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def printable(text: str, *, newlines: bool = False) -> str:
+    """Return ``text`` with every non-printable character shown as a visible escape.
+
+    Escaped are the C0 and C1 controls (ESC, CSI, BEL, backspace, CR, ...), DEL, bidi and
+    other format characters (U+202E, U+2066, zero-width ones), line and paragraph separators,
+    non-breaking spaces, lone surrogates and unassigned code points: everything that
+    ``str.isprintable()`` refuses. ``newlines`` keeps ``\\n`` as a line break (a body's lines).
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        char if char.isprintable() or (newlines and char == "\n") else _escape(char)
+        for char in text
+    )
+
+
 def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+_VERIFICATION = {
+    core_dlq.VERIFIED: "verified",
+    core_dlq.UNVERIFIED: "UNVERIFIED",
+    core_dlq.UNVERIFIABLE: "no key",
+}
 
 
 def dead_letter_rows(
@@ -84,7 +125,9 @@ def dead_letter_rows(
 ) -> list[list[str]]:
     """Return a header row and one row per dead letter, for a table."""
     now = now or datetime.now(timezone.utc)
-    result = [["SEQ", "AGE", "REASON", "CONSUMER", "ORIGINAL SUBJECT", "EVENT ID", "ERROR"]]
+    result = [
+        ["SEQ", "AGE", "REASON", "CONSUMER", "ORIGINAL SUBJECT", "EVENT ID", "SIGNATURE", "ERROR"]
+    ]
     for message in messages:
         letter = message.letter
         age = message.age(now)
@@ -93,27 +136,75 @@ def dead_letter_rows(
             [
                 str(message.seq),
                 format_age(age) if age is not None else "?",
-                letter.reason or "-",
-                letter.consumer or "-",
-                letter.original_subject or "-",
-                letter.event_id or "-",
-                _shorten(error or "-", 60),
+                printable(letter.reason) or "-",
+                printable(letter.consumer) or "-",
+                printable(letter.original_subject) or "-",
+                printable(letter.event_id or "") or "-",
+                _VERIFICATION.get(message.verification, "?"),
+                _shorten(printable(error) or "-", 60),
             ]
         )
     return result
 
 
-def dead_letter_lines(message: DeadLetterMessage, now: datetime | None = None) -> list[str]:
-    """Render one dead letter: where it is, every header, and the body."""
-    age = message.age(now)
+def dead_letter_notes(messages: Sequence[DeadLetterMessage]) -> list[str]:
+    """Return what a listing must add below the table: invalid headers, what verifies."""
     lines = [
-        f"dead letter {message.seq} in stream {message.stream} ({message.subject})",
+        f"dead letter {message.seq}: invalid {_invalid_text(name, value)}"
+        for message in messages
+        for name, value in sorted(message.letter.invalid.items())
+    ]
+    if any(message.verification == core_dlq.UNVERIFIABLE for message in messages):
+        lines.append(UNVERIFIABLE_NOTE)
+    elif any(message.verification == core_dlq.UNVERIFIED for message in messages):
+        lines.append(UNVERIFIED_NOTE)
+    return lines
+
+
+UNVERIFIABLE_NOTE = (
+    "DLQ_SIGNING_KEY is not set: these letters cannot be verified; anyone allowed to publish "
+    "on the DLQ subject can write one, and replay sends them only to this app's inbound "
+    "subject (or to one named with --to-subject)"
+)
+UNVERIFIED_NOTE = (
+    "UNVERIFIED letters have no valid Jsb-Signature: this bridge did not write them (or wrote "
+    "them with another key); replay skips them unless given --include-unverified"
+)
+
+
+def _invalid_text(name: str, value: str) -> str:
+    return f"{printable(name)}: {printable(value)} (not a valid value; ignored)"
+
+
+def _verification_line(message: DeadLetterMessage) -> str:
+    if message.verification == core_dlq.VERIFIED:
+        return "signature    verified: signed with DLQ_SIGNING_KEY by a bridge holding it"
+    if message.verification == core_dlq.UNVERIFIED:
+        return (
+            "signature    UNVERIFIED: no valid Jsb-Signature; this bridge did not write it (or "
+            "wrote it with another key), and replay skips it unless given --include-unverified"
+        )
+    return "signature    cannot be verified: DLQ_SIGNING_KEY is not set"
+
+
+def dead_letter_lines(message: DeadLetterMessage, now: datetime | None = None) -> list[str]:
+    """Render one dead letter: where it is, whether it verifies, every header, and the body."""
+    age = message.age(now)
+    invalid = message.letter.invalid
+    lines = [
+        f"dead letter {message.seq} in stream {message.stream} ({printable(message.subject)})",
         f"stored at {message.stored_at.isoformat() if message.stored_at else '?'}"
         + (f" ({format_age(age)} ago)" if age is not None else ""),
+        _verification_line(message),
         "",
         "headers:",
     ]
-    width = max((len(name) for name in message.headers), default=0)
-    lines += [f"  {name.ljust(width)}  {value}" for name, value in sorted(message.headers.items())]
-    lines += ["", "body:", message.body_text()]
+    headers = sorted(
+        (printable(name), name, printable(value)) for name, value in message.headers.items()
+    )
+    width = max((len(shown) for shown, _, _ in headers), default=0)
+    for shown, name, value in headers:
+        mark = "  <- INVALID, ignored" if name in invalid else ""
+        lines.append(f"  {shown.ljust(width)}  {value}{mark}")
+    lines += ["", "body:", printable(message.body_text(), newlines=True)]
     return lines

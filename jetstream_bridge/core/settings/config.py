@@ -43,6 +43,7 @@ class BridgeConfig:
     inbox_model: str = "jetstream_bridge.InboxEvent"
     stream_name: str = ""
     dlq_subject: str = ""
+    dlq_signing_key: Secret | None = field(default=None, repr=False)
     stream_storage: str = "file"
     stream_replicas: int = 1
     stream_retention: str = "limits"

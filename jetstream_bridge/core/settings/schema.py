@@ -222,6 +222,15 @@ SETTINGS: tuple[Setting, ...] = (
         doc="dead-letter subject",
     ),
     Setting(
+        key="DLQ_SIGNING_KEY",
+        kind=SecretText(),
+        default=None,
+        doc="key the consumer signs its dead letters with (secret)",
+        details="an HMAC-SHA256 of body and headers in `Jsb-Signature`; `jetstream_dlq` then "
+        "marks letters without a valid one `unverified` and replays them only with "
+        "`--include-unverified`; 32 or more random characters, e.g. `secrets.token_hex(32)`",
+    ),
+    Setting(
         key="STREAM_STORAGE",
         kind=Choice(("file", "memory")),
         default="file",

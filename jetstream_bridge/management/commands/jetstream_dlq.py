@@ -8,8 +8,9 @@ from typing import Any
 from django.core.management.base import CommandError
 
 from ... import dlq
+from ...conf import get_config
 from ..base import BridgeCommand, duration_arg, render_table
-from ..render import dead_letter_lines, dead_letter_rows
+from ..render import dead_letter_lines, dead_letter_notes, dead_letter_rows, printable
 
 
 def parse_seqs(values: Iterable[str | int] | None) -> frozenset[int]:
@@ -56,6 +57,19 @@ class Command(BridgeCommand):
         replay.add_argument(
             "--keep", action="store_true", help="keep them in the DLQ after replaying"
         )
+        replay.add_argument(
+            "--to-subject",
+            action="append",
+            default=[],
+            metavar="SUBJECT",
+            help="also replay letters whose original subject is SUBJECT (repeatable); by "
+            "default only this app's inbound subject is a target",
+        )
+        replay.add_argument(
+            "--include-unverified",
+            action="store_true",
+            help="also replay letters whose signature does not verify with DLQ_SIGNING_KEY",
+        )
         purge = actions.add_parser("purge", help="delete dead letters")
         _filters(purge)
         purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
@@ -90,6 +104,8 @@ class Command(BridgeCommand):
         if messages:
             for line in render_table(dead_letter_rows(messages)):
                 self.stdout.write(line)
+            for line in dead_letter_notes(messages):
+                self.stdout.write(line)
         self.stdout.write(
             f"{len(messages)} shown; {depth.messages} dead letter(s) on {depth.subject}"
             + (f" in stream {depth.stream}" if depth.stream else " (no stream stores it)")
@@ -106,15 +122,28 @@ class Command(BridgeCommand):
                 self.stdout.write(line)
 
     def _replay(self, options: dict[str, Any]) -> None:
-        result = dlq.replay(self._selection(options), keep=options["keep"])
+        policy = dlq.ReplayPolicy(
+            subjects=frozenset(self._targets(options["to_subject"])),
+            include_unverified=options["include_unverified"],
+        )
+        result = dlq.replay(self._selection(options), keep=options["keep"], policy=policy)
         for seq, new_seq in result.replayed:
             self.stdout.write(f"replayed {seq} -> stream sequence {new_seq}")
         for seq, why in result.failed:
-            self.stderr.write(f"not replayed {seq}: {why}")
+            self.stderr.write(f"not replayed {seq}: {printable(why)}")
         kept = "kept in the DLQ" if options["keep"] else f"{result.deleted} removed from the DLQ"
         self.stdout.write(f"replayed {len(result.replayed)} dead letter(s), {kept}")
         if result.failed:
             raise CommandError(f"{len(result.failed)} dead letter(s) could not be replayed")
+
+    def _targets(self, subjects: list[str]) -> list[str]:
+        """Check each ``--to-subject`` against the rules a replay target must meet."""
+        config = get_config()
+        for subject in subjects:
+            problem = dlq.replay_problem(config, subject, allowed={subject})
+            if problem:
+                raise CommandError(f"--to-subject {printable(subject)}: {printable(problem)}")
+        return subjects
 
     def _purge(self, options: dict[str, Any]) -> None:
         selection = self._selection(options)
