@@ -217,6 +217,17 @@ class Consumer:
             outcomes = self.processor.after_database_error(messages, exc)
             await sync_to_async(connections.close_all, thread_sensitive=True)()
             self._database_down = True
+        except Exception as exc:
+            # The processor isolates the message behind an error it did not expect; whatever
+            # escapes it anyway fails the batch (retried, dead-lettered on the last delivery)
+            # rather than end the process, which would leave the batch to fail again in the
+            # next consumer until MAX_DELIVER drops it unrecorded.
+            logger.exception(
+                "batch failed unexpectedly; retrying its messages: %s",
+                exc,
+                extra={"durable": self.durable, "messages": len(deliveries)},
+            )
+            outcomes = [self.processor.decisions.unexpected(m, exc) for m in messages]
         finally:
             keepalive.cancel()
             self.stats.redone = self.processor.redone
