@@ -22,7 +22,7 @@ from types import FrameType
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.db import DatabaseError, close_old_connections, connections
+from django.db import DatabaseError, InterfaceError, close_old_connections, connections
 
 from . import metrics
 from .broker import Connection, Delivery
@@ -207,8 +207,9 @@ class Consumer:
         keepalive = asyncio.ensure_future(self._keep_alive(runtime, deliveries))
         try:
             outcomes = await sync_to_async(self._process_batch, thread_sensitive=True)(messages)
-        except DatabaseError as exc:
-            # Nothing committed: hand every message back and let the database recover.
+        except (DatabaseError, InterfaceError) as exc:
+            # Nothing committed: hand every message back and let the database recover. (Django's
+            # InterfaceError, a closed connection, is no DatabaseError.)
             logger.error(
                 "batch transaction failed; retrying the batch: %s",
                 exc,

@@ -106,17 +106,19 @@ class BatchProcessor:
         what to do with the messages. Any other error fails the batch, is logged, and the
         batch is redone one message per transaction, so only the message that causes it fails
         (``Decisions.unexpected``: retried, dead-lettered on its last delivery) and the others
-        are applied; a batch of one raises it.
+        are applied.
         """
         try:
             return self._process(messages)
         except Exception as exc:
-            if _unavailable(exc) or len(messages) == 1:
+            if _unavailable(exc):
                 raise
             logger.exception(
                 "batch failed unexpectedly; redoing it one message at a time",
                 extra={"durable": self.durable, "messages": len(messages)},
             )
+            if len(messages) == 1:
+                return [self.decisions.unexpected(messages[0], exc)]
         outcomes = []
         for message in messages:
             try:
@@ -200,7 +202,7 @@ class BatchProcessor:
             return outcome
 
     def after_database_error(
-        self, messages: Sequence[ReceivedMessage], error: DatabaseError
+        self, messages: Sequence[ReceivedMessage], error: Exception
     ) -> list[Outcome]:
         """Return the outcomes for a batch whose transaction failed on the database.
 
