@@ -22,7 +22,7 @@ from types import FrameType
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.db import DatabaseError, close_old_connections, connections
+from django.db import DatabaseError, InterfaceError, close_old_connections, connections
 
 from . import metrics
 from .broker import Connection, Delivery
@@ -208,8 +208,9 @@ class Consumer:
         keepalive = asyncio.ensure_future(self._keep_alive(runtime, deliveries))
         try:
             outcomes = await sync_to_async(self._process_batch, thread_sensitive=True)(messages)
-        except DatabaseError as exc:
-            # Nothing committed: hand every message back and let the database recover.
+        except (DatabaseError, InterfaceError) as exc:
+            # Nothing committed: hand every message back and let the database recover. (Django's
+            # InterfaceError, a closed connection, is no DatabaseError.)
             logger.error(
                 "batch transaction failed; retrying the batch: %s",
                 exc,
@@ -218,6 +219,17 @@ class Consumer:
             outcomes = self.processor.after_database_error(messages, exc)
             await sync_to_async(connections.close_all, thread_sensitive=True)()
             self._database_down = True
+        except Exception as exc:
+            # The processor isolates the message behind an error it did not expect; whatever
+            # escapes it anyway fails the batch (retried, dead-lettered on the last delivery)
+            # rather than end the process, which would leave the batch to fail again in the
+            # next consumer until MAX_DELIVER drops it unrecorded.
+            logger.exception(
+                "batch failed unexpectedly; retrying its messages: %s",
+                exc,
+                extra={"durable": self.durable, "messages": len(deliveries)},
+            )
+            outcomes = [self.processor.decisions.unexpected(m, exc) for m in messages]
         finally:
             keepalive.cancel()
             self.stats.redone = self.processor.redone

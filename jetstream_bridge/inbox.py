@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.apps import apps
+from django.core.exceptions import FieldDoesNotExist
 from django.db import IntegrityError, connections, models
 from django.utils import timezone
 
+from .core.envelope import FieldLimits
 from .core.settings import BridgeConfig
 from .models import InboxStatus, field_names, only_fields
 from .outcomes import ReceivedMessage
@@ -22,6 +24,23 @@ from .sql import RawJson, insert_rows, postgresql
 
 def inbox_model(config: BridgeConfig) -> type[models.Model]:
     return apps.get_model(config.inbox_model)
+
+
+def field_limits(model: type[models.Model]) -> FieldLimits:
+    """The longest event id, event type and resource type ``model``'s columns store."""
+
+    def longest(name: str) -> int | None:
+        try:
+            field = model._meta.get_field(name)
+        except FieldDoesNotExist:
+            return None  # a custom model without the column stores anything
+        return getattr(field, "max_length", None)
+
+    return FieldLimits(
+        event_id=longest("event_id"),
+        event_type=longest("event_type"),
+        resource_type=longest("resource_type"),
+    )
 
 
 @dataclass(frozen=True)

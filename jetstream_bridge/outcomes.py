@@ -7,6 +7,7 @@ then asks ``Decisions`` what a failure means; ``consumer.Consumer`` settles the 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 
 from .core.dead_letter import MAX_DELIVER, DeadLetter
@@ -66,7 +67,7 @@ def dead_letter(
     return DeadLetter(
         reason=reason,
         error_class=type(error).__name__,
-        error_message=str(error),
+        error_message=storable_text(str(error)),
         original_subject=message.subject,
         stream=message.stream,
         stream_seq=message.stream_seq,
@@ -78,7 +79,20 @@ def dead_letter(
 
 def describe(error: BaseException) -> str:
     """Return the error as the inbox's ``last_error`` and the logs show it."""
-    return f"{type(error).__name__}: {error}"
+    return storable_text(f"{type(error).__name__}: {error}")
+
+
+# Control characters but tab and line breaks, and lone surrogates.
+_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+
+
+def storable_text(text: str) -> str:
+    """Return ``text`` with what a column or a header cannot hold escaped (``\\x00``, ``\\ud800``).
+
+    An error about a hostile message quotes it: ``UnicodeEncodeError`` holds the surrogate it
+    could not encode, and storing or publishing that text would fail the same way.
+    """
+    return _UNSAFE.sub(lambda match: ascii(match.group())[1:-1], text)
 
 
 class Decisions:
@@ -112,6 +126,10 @@ class Decisions:
         The DLQ needs no database, so the last delivery is kept there for a replay.
         """
         return self._retry_or_dead(message, error, _event_id(message), DATABASE_RETRY_DELAY)
+
+    def unexpected(self, message: ReceivedMessage, error: BaseException) -> Outcome:
+        """Decide for a message that failed with an error nothing expected, as for a handler's."""
+        return self._retry_or_dead(message, error, None, self.retry_delay(message))
 
     def retry_delay(self, message: ReceivedMessage) -> float:
         """Return how long the server should wait before delivering ``message`` again."""

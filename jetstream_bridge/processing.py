@@ -32,27 +32,36 @@ recorded in their own savepoint in either mode and never cause a redo.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from asgiref.sync import async_to_sync, iscoroutinefunction
-from django.db import DatabaseError, IntegrityError, connections, router, transaction
+from django.db import (
+    DatabaseError,
+    DataError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    connections,
+    router,
+    transaction,
+)
 from django.db.transaction import TransactionManagementError
 
 from . import metrics
 from .conf import get_config
 from .core import dead_letter
-from .core.envelope import decode
+from .core.envelope import FieldLimits, decode
 from .core.errors import MalformedEnvelope, RejectMessage
 from .core.settings import BridgeConfig
 from .handlers import Handler, HandlerRegistry, autodiscover, registry
-from .inbox import Inbox, Seen, inbox_model
+from .inbox import Inbox, Seen, field_limits, inbox_model
 from .models import InboxStatus
 from .outcomes import Decisions, Outcome, ReceivedMessage, Verdict, describe
+from .transaction_health import TransactionHealth
 
 __all__ = ["BatchProcessor", "Outcome", "ReceivedMessage", "Verdict"]
 
@@ -80,18 +89,48 @@ class BatchProcessor:
         self.durable = durable
         self.handler = handler
         self.registry = registry
-        self.using = using or router.db_for_write(inbox_model(self.config))
+        model = inbox_model(self.config)
+        self.using = using or router.db_for_write(model)
+        # An id or type longer than the inbox columns makes its message malformed (decode).
+        self.limits = field_limits(model)
         self.decisions = Decisions(self.config)
         # Batches rolled back after a handler failed and redone with a savepoint per message.
         self.redone = 0
-        self._health = _TransactionHealth(self.using)
+        self._health = TransactionHealth(self.using)
 
     def process(self, messages: Sequence[ReceivedMessage]) -> list[Outcome]:
         """Handle ``messages`` in one transaction; return an outcome each, in their order.
 
-        Nothing is settled. A ``DatabaseError`` escapes when the transaction itself failed
-        (nothing committed): ``after_database_error`` then says what to do with the messages.
+        Nothing is settled. A ``DatabaseError`` escapes only when the database is unavailable
+        (connection lost, lock timeout: nothing committed): ``after_database_error`` then says
+        what to do with the messages. Any other error fails the batch, is logged, and the
+        batch is redone one message per transaction, so only the message that causes it fails
+        (``Decisions.unexpected``: retried, dead-lettered on its last delivery) and the others
+        are applied.
         """
+        try:
+            return self._process(messages)
+        except Exception as exc:
+            if _unavailable(exc):
+                raise
+            logger.exception(
+                "batch failed unexpectedly; redoing it one message at a time",
+                extra={"durable": self.durable, "messages": len(messages)},
+            )
+            if len(messages) == 1:
+                return [self.decisions.unexpected(messages[0], exc)]
+        outcomes = []
+        for message in messages:
+            try:
+                outcomes += self._process([message])
+            except Exception as exc:
+                if _unavailable(exc):
+                    raise
+                logger.exception("message failed unexpectedly", extra={"durable": self.durable})
+                outcomes.append(self.decisions.unexpected(message, exc))
+        return outcomes
+
+    def _process(self, messages: Sequence[ReceivedMessage]) -> list[Outcome]:
         runs = _Runs()
         savepoints = self.config.handler_savepoints == "always"
         defer = True
@@ -116,16 +155,18 @@ class BatchProcessor:
                         "stream_seq": messages[redo.index].stream_seq,
                     },
                 )
-            except IntegrityError:
+            except (IntegrityError, DataError) as exc:
                 if not defer:
                     raise
-                # The batch's one inbox INSERT met a row another worker committed meanwhile:
-                # the whole batch rolled back, handler writes included. Redo it with an INSERT
-                # per message inside each savepoint, so only the events handled elsewhere fail
-                # (and come back to be acked as duplicates) instead of the batch counting as an
-                # outage.
+                # The batch's one inbox INSERT met a row another worker committed meanwhile,
+                # or a value the database refuses: the whole batch rolled back, handler writes
+                # included. Redo it with an INSERT per message inside each savepoint, so only
+                # the events handled elsewhere fail (and come back to be acked as duplicates)
+                # or the one that cannot be stored (dead-lettered as malformed) instead of the
+                # batch counting as an outage.
                 logger.info(
-                    "inbox conflict in a batch; redoing it message by message",
+                    "inbox rows of a batch refused (%s); redoing it message by message",
+                    type(exc).__name__,
                     extra={"durable": self.durable, "messages": len(messages)},
                 )
                 defer = False
@@ -154,22 +195,14 @@ class BatchProcessor:
         inbox = Inbox(self.config, self.durable, self.using)
         with transaction.atomic(using=self.using):
             row = inbox.manager.select_for_update().get(pk=pk)
-            message = ReceivedMessage(
-                subject=row.subject,
-                data=json.dumps(row.payload).encode(),
-                headers=dict(getattr(row, "headers", None) or {}),
-                stream=getattr(row, "stream", None) or "",
-                stream_seq=getattr(row, "stream_seq", None) or 0,
-                deliveries=getattr(row, "deliveries", None) or 1,
-                consumer=self.durable,
-            )
-            item = replace(_decoded(0, message), seen=Seen(row.pk, row.status))
+            message = _stored_message(row, self.durable)
+            item = replace(_decoded(0, message, self.limits), seen=Seen(row.pk, row.status))
             outcome = self._process_item(_Pass(inbox, savepoints=True, defer=True), item)
             inbox.flush()
             return outcome
 
     def after_database_error(
-        self, messages: Sequence[ReceivedMessage], error: DatabaseError
+        self, messages: Sequence[ReceivedMessage], error: Exception
     ) -> list[Outcome]:
         """Return the outcomes for a batch whose transaction failed on the database.
 
@@ -189,16 +222,10 @@ class BatchProcessor:
         Without savepoints a failing handler raises ``_RedoWithSavepoints`` (rolling the whole
         transaction back).
         """
-        items = [_decoded(index, message) for index, message in enumerate(messages)]
+        items = [_decoded(index, message, self.limits) for index, message in enumerate(messages)]
         inbox = batch.inbox
         with transaction.atomic(using=self.using), self._health.watching(not batch.savepoints):
-            seen_ids: dict[str, Seen] = {}
-            seen_seqs: dict[tuple[str, int], Seen] = {}
-            if inbox is not None:
-                seen_ids, seen_seqs = inbox.seen(
-                    [item.event["event_id"] for item in items if item.event],
-                    [(message.stream, message.stream_seq) for message in messages],
-                )
+            seen_ids, seen_seqs = _seen(inbox, items)
             outcomes = []
             for item in items:
                 seen = seen_ids.get(item.event["event_id"]) if item.event is not None else None
@@ -282,11 +309,23 @@ class BatchProcessor:
                 "the handler returned with the transaction marked for rollback"
             )
         if batch.inbox is not None:
-            _record(batch.inbox, item, InboxStatus.PROCESSED, defer=batch.defer)
+            try:
+                _record(batch.inbox, item, InboxStatus.PROCESSED, defer=batch.defer)
+            except (DataError, UnicodeError) as exc:
+                # The database refuses this message's row (a value longer than a custom
+                # column, a header PostgreSQL's JSON cannot hold): as a malformed message, it
+                # would fail the same way on every delivery.
+                raise _Unstorable(exc) from exc
 
     def _handler_failed(self, batch: _Pass, item: _Item, exc: Exception) -> Outcome:
         if isinstance(exc, RejectMessage):
             return self._fail(batch, item, exc, reason=dead_letter.REJECTED)
+        if isinstance(exc, _Unstorable):
+            # Record its failure without what could not be stored (the event's fields, the
+            # headers); the dead letter carries the message as received.
+            bare = replace(item, event=None, message=replace(item.message, headers={}))
+            outcome = self._fail(batch, bare, exc.error, reason=dead_letter.MALFORMED)
+            return replace(outcome, message=item.message)
         if isinstance(exc, DatabaseError) and self._health.broken():
             raise exc  # the batch transaction is broken: retry the whole batch
         return self._fail(batch, item, exc, reason=None)
@@ -316,8 +355,8 @@ class BatchProcessor:
         except IntegrityError:
             # Another worker recorded this event meanwhile; its row is the truth.
             logger.info("inbox row recorded concurrently", extra={"durable": self.durable})
-        except DatabaseError as exc:
-            if self._health.broken():
+        except (DatabaseError, UnicodeError) as exc:
+            if isinstance(exc, DatabaseError) and self._health.broken():
                 raise  # the batch transaction is broken: retry the whole batch
             # This message's own row cannot be stored (PostgreSQL refuses \u0000 in JSON,
             # for one). Its savepoint is rolled back; letting the error escape would fail
@@ -360,6 +399,25 @@ class _Pass:
     runs: _Runs = field(default_factory=_Runs)
 
 
+class _Unstorable(Exception):
+    """The inbox row of a message that the handler applied cannot be stored: ``error`` says why."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _unavailable(error: BaseException) -> bool:
+    """Tell whether ``error`` says the database is unavailable rather than refusing the batch.
+
+    A lost connection, a lock or statement timeout, a serialisation failure or a deadlock are
+    ``OperationalError``s (``InterfaceError`` once the connection is closed): the batch waits
+    for the database and comes back whole. A bare ``DatabaseError`` (the driver could not
+    classify it) is taken as an outage too, which is what every ``DatabaseError`` was before.
+    """
+    return isinstance(error, (OperationalError, InterfaceError)) or type(error) is DatabaseError
+
+
 class _RedoWithSavepoints(Exception):
     """A handler failed in a batch run without savepoints: roll back, redo with savepoints.
 
@@ -373,79 +431,34 @@ class _RedoWithSavepoints(Exception):
         self.error = error
 
 
-_PG_TRANSACTION_INERROR = 3  # libpq PQTRANS_INERROR; PQTRANS_UNKNOWN (4) is worse
+def _seen(
+    inbox: Inbox | None, items: Sequence[_Item]
+) -> tuple[dict[str, Seen], dict[tuple[str, int], Seen]]:
+    """The inbox rows already recorded for the batch's event ids and stream sequences."""
+    if inbox is None:
+        return {}, {}
+    return inbox.seen(
+        [item.event["event_id"] for item in items if item.event],
+        [(item.message.stream, item.message.stream_seq) for item in items],
+    )
 
 
-class _TransactionHealth:
-    """Tell whether the batch transaction on ``using`` is still usable after a handler ran."""
-
-    def __init__(self, using: str) -> None:
-        self.using = using
-        self._query_errors: list[BaseException] = []
-
-    @contextlib.contextmanager
-    def watching(self, enabled: bool) -> Iterator[None]:
-        """Note every failed query while the batch runs without savepoints.
-
-        A handler may catch a database error itself. Inside its own savepoint that is harmless,
-        but without one it can leave the batch transaction aborted (PostgreSQL) or, on MySQL, a
-        deadlock may have rolled it back: the next handler would then fail for an error that
-        is not its own. ``spoiled`` reads these notes after each handler.
-
-        Not on PostgreSQL, where ``spoiled`` reads the transaction's state from libpq instead:
-        a wrapper around every query of the batch would be work for nothing.
-        """
-        if not enabled:
-            yield
-            return
-        self._query_errors = []
-        connection = connections[self.using]
-        if connection.vendor == "postgresql":
-            yield
-            return
-
-        def note(execute: Any, sql: Any, params: Any, many: bool, context: Any) -> Any:
-            try:
-                return execute(sql, params, many, context)
-            except Exception as exc:
-                self._query_errors.append(exc)
-                raise
-
-        with connection.execute_wrapper(note):
-            yield
-
-    def forget_errors(self) -> None:
-        """Start noting failed queries afresh (before the next handler runs)."""
-        self._query_errors.clear()
-
-    def spoiled(self) -> bool:
-        """Tell whether a query failed since ``forget_errors``, leaving the batch in doubt."""
-        connection = connections[self.using]
-        if connection.vendor == "postgresql":
-            # Exact and free (libpq keeps it): an error aborts the transaction, nothing else
-            # does. A database error the handler caught inside its own savepoint is harmless.
-            raw = connection.connection
-            if raw is None:
-                return True
-            return int(raw.info.transaction_status) >= _PG_TRANSACTION_INERROR
-        # SQLite and MySQL keep a transaction going after most failed statements, but not
-        # after all (a MySQL deadlock rolls it back): any failed query makes the batch redo.
-        return bool(self._query_errors)
-
-    def broken(self) -> bool:
-        """Tell whether the batch transaction cannot go on (marked for rollback or unusable)."""
-        connection = connections[self.using]
-        if connection.needs_rollback:
-            return True
-        try:
-            return not connection.is_usable()
-        except Exception:
-            return True
+def _stored_message(row: Any, durable: str) -> ReceivedMessage:
+    """The inbox row ``row`` as the message it was received as (for a re-run)."""
+    return ReceivedMessage(
+        subject=row.subject,
+        data=json.dumps(row.payload).encode(),
+        headers=dict(getattr(row, "headers", None) or {}),
+        stream=getattr(row, "stream", None) or "",
+        stream_seq=getattr(row, "stream_seq", None) or 0,
+        deliveries=getattr(row, "deliveries", None) or 1,
+        consumer=durable,
+    )
 
 
-def _decoded(index: int, message: ReceivedMessage) -> _Item:
+def _decoded(index: int, message: ReceivedMessage, limits: FieldLimits) -> _Item:
     try:
-        return _Item(index, message, decode(message.data), None)
+        return _Item(index, message, decode(message.data, limits), None)
     except MalformedEnvelope as exc:
         return _Item(index, message, None, exc)
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import time
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -25,6 +27,7 @@ MSG_ID_HEADER = "Nats-Msg-Id"  # case matters: the server dedupes on this exact 
 REQUIRED_FIELDS = ("event_id", "event_type", "resource_type", "payload")
 MAX_DEPTH = 64  # deeper payloads are almost always a bug or an attack on the decoder
 MAX_ID_LENGTH = 255  # fits the event_id column
+MAX_TYPE_LENGTH = 100  # fits the event_type and resource_type columns of the built-in tables
 
 Envelope = dict[str, Any]
 
@@ -142,10 +145,109 @@ def encode(envelope: Mapping[str, Any]) -> bytes:
     return text.encode("utf-8")
 
 
-def decode(data: bytes) -> Envelope:
-    """Decode and validate a received envelope; raise ``MalformedEnvelope`` with the reason."""
+@dataclass(frozen=True)
+class FieldLimits:
+    """The longest values the receiving side stores, in characters (``None``: no limit).
+
+    The defaults are the built-in inbox columns; ``inbox.field_limits`` reads a custom
+    model's.
+    """
+
+    event_id: int | None = MAX_ID_LENGTH
+    event_type: int | None = MAX_TYPE_LENGTH
+    resource_type: int | None = MAX_TYPE_LENGTH
+
+
+INBOX_LIMITS = FieldLimits()
+
+# Text no database column stores: NUL (PostgreSQL text and jsonb refuse it) and lone
+# surrogates (not Unicode scalar values: drivers fail to encode them, with an error that is
+# not even a database error).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+# What the stack would alter in an event id, or cannot carry: control characters (C0, DEL,
+# C1; CR/LF would end the Nats-Msg-Id header) and lone surrogates.
+_ID_REFUSED = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# In a body's bytes, whatever may decode to unstorable text: an escape of NUL or of a
+# surrogate, or a surrogate encoded as such (``json.loads`` lets it through). Only a body that
+# matches is walked value by value, so the common body costs a scan in C.
+_SUSPECT = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])|\xed[\xa0-\xbf]")
+
+
+def event_id_problem(value: object) -> str | None:
+    """Say why ``value`` cannot be an event id, or return ``None`` when it can.
+
+    The one rule for both sides: the publisher refuses such an id and a consumer dead-letters
+    a message carrying one as malformed. An event id travels as the ``Nats-Msg-Id`` header,
+    whose value NATS trims of surrounding whitespace and where CR/LF would end the header, and
+    it is a key of the outbox and inbox tables: an id the wire or a column would alter is
+    deduplicated and matched as another id.
+    """
+    if not isinstance(value, str) or not value.strip():
+        return f"event_id must be a non-empty string, got {type(value).__name__}"
+    if len(value) > MAX_ID_LENGTH:
+        return f"event_id is longer than {MAX_ID_LENGTH} characters"
+    if _ID_REFUSED.search(value):
+        return "event_id contains control characters or lone surrogates"
+    if value != value.strip():
+        return "event_id has leading or trailing whitespace, which NATS trims from headers"
+    return None
+
+
+def _text_problem(name: str, value: object, limit: int | None) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return f"{name} must be a non-empty string"
+    if limit is not None and len(value) > limit:
+        return f"{name} is longer than {limit} characters"
+    if _UNSTORABLE.search(value):
+        return f"{name} contains NUL or a lone surrogate, which no database stores"
+    return None
+
+
+def _unstorable(value: Any) -> str | None:
+    """Say what in ``value`` (decoded JSON) no database column stores, without recursing."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _UNSTORABLE.search(item):
+                return "a string in the body contains NUL or a lone surrogate"
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def _suspect(data: bytes) -> bool:
+    # A UTF-16/32 body (json.loads takes those) has NUL bytes: walk it, the scan cannot tell.
+    # Substring tests first: much cheaper than the regex for the usual body.
+    if b"\x00" in data:
+        return True
+    return (b"\\u" in data or b"\xed" in data) and _SUSPECT.search(data) is not None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise MalformedEnvelope(f"body holds {name}, which JSON does not allow")
+
+
+# One decoder for every message: ``json.loads`` with a hook would build one per call.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
+def decode(data: bytes, limits: FieldLimits = INBOX_LIMITS) -> Envelope:
+    """Decode and validate a received envelope; raise ``MalformedEnvelope`` with the reason.
+
+    Anything the inbox could not store makes the message malformed (never retried) rather
+    than failing its batch: NUL or a lone surrogate anywhere in the body, ``NaN`` or
+    ``Infinity`` (not JSON: JSON columns refuse them), an id or type longer than ``limits``, an
+    event id the wire would alter (``event_id_problem``).
+    """
     try:
-        value = json.loads(data)
+        # As json.loads does with bytes: UTF-8, -16 or -32, with or without a byte-order mark.
+        value = _DECODER.decode(data.decode(json.detect_encoding(data), "surrogatepass"))
+    except MalformedEnvelope:
+        raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MalformedEnvelope(f"body is not JSON: {exc.__class__.__name__}") from exc
     if not isinstance(value, dict):
@@ -153,14 +255,15 @@ def decode(data: bytes) -> Envelope:
     missing = [name for name in REQUIRED_FIELDS if name not in value]
     if missing:
         raise MalformedEnvelope(f"missing required field(s): {', '.join(missing)}")
-    for name in ("event_id", "event_type", "resource_type"):
-        field = value[name]
-        if not isinstance(field, str) or not field.strip():
-            raise MalformedEnvelope(f"{name} must be a non-empty string")
-    if len(value["event_id"]) > MAX_ID_LENGTH:
-        raise MalformedEnvelope(f"event_id is longer than {MAX_ID_LENGTH} characters")
-    if _has_control_characters(value["event_id"]):
-        raise MalformedEnvelope("event_id contains control characters")
+    problem = (
+        event_id_problem(value["event_id"])
+        or _text_problem("event_type", value["event_type"], limits.event_type)
+        or _text_problem("resource_type", value["resource_type"], limits.resource_type)
+    )
+    if problem is None and limits.event_id is not None and len(value["event_id"]) > limits.event_id:
+        problem = f"event_id is longer than {limits.event_id} characters"
+    if problem is not None:
+        raise MalformedEnvelope(problem)
     if not isinstance(value["payload"], dict):
         raise MalformedEnvelope("payload must be a JSON object")
     # Each level of nesting opens a bracket, so a body with fewer brackets than the limit
@@ -170,4 +273,6 @@ def decode(data: bytes) -> Envelope:
         _depth(value["payload"], MAX_DEPTH) > MAX_DEPTH
     ):
         raise MalformedEnvelope(f"payload is nested deeper than {MAX_DEPTH} levels")
+    if _suspect(data) and (problem := _unstorable(value)):
+        raise MalformedEnvelope(problem)
     return value

@@ -142,7 +142,7 @@ EXPECTED_REASON = {
     "missing": dead_letter.MALFORMED,
     "reject": dead_letter.REJECTED,
     "fails": dead_letter.MAX_DELIVER,
-    "nul-payload": dead_letter.MAX_DELIVER,  # the handler's write fails on every delivery
+    "nul-payload": dead_letter.MALFORMED,  # PostgreSQL's JSON cannot store it: refused at once
     "nul-id": dead_letter.MALFORMED,
     "status-header": dead_letter.MALFORMED,
 }
