@@ -298,6 +298,15 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(key="TLS_KEY_FILE", kind=Text(), default=None, doc="client key"),
     Setting(
+        key="TLS_HANDSHAKE_FIRST",
+        kind=Boolean(),
+        default=False,
+        doc="start TLS before the server's INFO",
+        details="for a server configured with `handshake_first`; with any TLS setting or a "
+        "`tls://` URL the connection is TLS or it fails, and no credentials are sent in "
+        "plaintext",
+    ),
+    Setting(
         key="RELAY_BATCH_SIZE",
         kind=Integer(minimum=1),
         default=1000,
