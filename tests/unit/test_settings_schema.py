@@ -62,7 +62,13 @@ def test_schema__environment_fallbacks_and_flags() -> None:
         "APP_NAME": "APP_NAME",
         "DESTINATION_APP": "DESTINATION_APP",
     }
-    assert [s.key for s in SETTINGS if s.secret] == ["PASSWORD", "TOKEN", "NKEY_SEED"]
+    assert [s.key for s in SETTINGS if s.secret] == [
+        "PASSWORD",
+        "TOKEN",
+        "NKEY_SEED",
+        "HEALTH_TOKEN",
+        "METRICS_TOKEN",
+    ]
     assert [s.key for s in SETTINGS if s.required] == ["DESTINATION_APP"]
     assert [s.key for s in SETTINGS if s.follows_env] == ["STREAM_NAME", "DLQ_SUBJECT"]
 

@@ -307,6 +307,20 @@ SETTINGS: tuple[Setting, ...] = (
         "plaintext",
     ),
     Setting(
+        key="HEALTH_TOKEN",
+        kind=SecretText(),
+        default=None,
+        doc="bearer token that shows the health view's details (secret)",
+        details="without it, or a staff login, the view answers only the status",
+    ),
+    Setting(
+        key="METRICS_TOKEN",
+        kind=SecretText(),
+        default=None,
+        doc="bearer token that may read `metrics_view` (secret)",
+        details="without it, or a staff login, the view answers 403",
+    ),
+    Setting(
         key="RELAY_BATCH_SIZE",
         kind=Integer(minimum=1),
         default=1000,
