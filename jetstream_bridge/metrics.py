@@ -267,9 +267,22 @@ if ENABLED:
 
 
 def metrics_view(request: HttpRequest) -> HttpResponse:
-    """Serve the default registry in the Prometheus text format (protect it like any admin URL)."""
+    """Serve the default registry in the Prometheus text format.
+
+    Only to staff users and to scrapers sending ``Authorization: Bearer <METRICS_TOKEN>``;
+    anyone else gets 403 (the gauges name streams, consumers and backlog sizes).
+    """
     from django.http import HttpResponse
 
+    from .access import configured_token, may_see
+
+    if not may_see(request, configured_token("metrics_token")):
+        return HttpResponse(
+            "Forbidden: log in as a staff user or send Authorization: Bearer <METRICS_TOKEN> "
+            "(JETSTREAM_BRIDGE['METRICS_TOKEN']).",
+            status=403,
+            content_type="text/plain",
+        )
     if not ENABLED:
         return HttpResponse(
             "prometheus_client is not installed: pip install 'django-jetstream-bridge[metrics]'",

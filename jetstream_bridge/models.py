@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any, cast
 
 from django.db import models
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 
 
@@ -51,6 +52,25 @@ def outbox_due(now: datetime, names: Collection[str], *, any_time: bool = False)
     return unsent | (models.Q(status=OutboxStatus.PUBLISHING) & lapsed)
 
 
+class ExactCharField(models.CharField):  # type: ignore[type-arg]
+    """A ``CharField`` compared byte for byte on every database: for ids in unique keys.
+
+    PostgreSQL and SQLite compare text exactly already. MySQL and MariaDB compare by the
+    column's collation, and their default ``utf8mb4`` collations fold case (and pad trailing
+    spaces), so ids ``"A"`` and ``"a"`` would collide in a unique key and the second event
+    be taken for a duplicate. There the column gets a binary collation, without padding on
+    MariaDB (``utf8mb4_nopad_bin``); ``COLLATE`` alone also makes the column ``utf8mb4``.
+    An explicit ``db_collation`` wins.
+    """
+
+    def db_parameters(self, connection: BaseDatabaseWrapper) -> dict[str, Any]:
+        params: dict[str, Any] = super().db_parameters(connection)
+        if connection.vendor == "mysql" and not self.db_collation:
+            mariadb = getattr(connection, "mysql_is_mariadb", False)
+            params["collation"] = "utf8mb4_nopad_bin" if mariadb else "utf8mb4_bin"
+        return params
+
+
 class OutboxQuerySet(models.QuerySet["OutboxEvent"]):
     def unsent(self) -> OutboxQuerySet:
         """Rows that still have to reach the stream."""
@@ -65,7 +85,7 @@ class OutboxQuerySet(models.QuerySet["OutboxEvent"]):
 class OutboxEvent(models.Model):
     """An event written in the business transaction, published after commit."""
 
-    event_id = models.CharField(max_length=255)
+    event_id = ExactCharField(max_length=255)
     subject = models.CharField(max_length=255)
     payload = models.JSONField(default=dict, help_text="The full envelope as published.")
     headers = models.JSONField(default=dict, blank=True)
@@ -120,16 +140,16 @@ class OutboxEvent(models.Model):
 class InboxEvent(models.Model):
     """A received event and what became of it, per consumer (durable)."""
 
-    consumer = models.CharField(
+    consumer = ExactCharField(
         max_length=255, default="", help_text="Durable name that processed the event."
     )
-    event_id = models.CharField(max_length=255, null=True, blank=True)
+    event_id = ExactCharField(max_length=255, null=True, blank=True)
     subject = models.CharField(max_length=255)
     payload = models.JSONField(default=dict, help_text="The envelope as received.")
     headers = models.JSONField(default=dict, blank=True)
     event_type = models.CharField(max_length=100, blank=True, default="")
     resource_type = models.CharField(max_length=100, blank=True, default="")
-    stream = models.CharField(max_length=255, null=True, blank=True)
+    stream = ExactCharField(max_length=255, null=True, blank=True)
     stream_seq = models.BigIntegerField(null=True, blank=True)
     deliveries = models.PositiveIntegerField(default=0)
     status = models.CharField(

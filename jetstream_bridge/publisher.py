@@ -28,8 +28,14 @@ from django.db import transaction
 from . import fast_path, metrics
 from .broker import Connection, PubAck
 from .conf import get_config
-from .core.envelope import MSG_ID_HEADER, build_envelope, encode
-from .core.errors import PayloadTooLarge
+from .core.envelope import (
+    MSG_ID_HEADER,
+    build_envelope,
+    encode,
+    header_problem,
+    storage_problem,
+)
+from .core.errors import InvalidEvent, PayloadTooLarge
 from .core.settings import BridgeConfig
 from .outbox import NewEvent, OutboxStore
 from .runtime import get_runtime
@@ -284,18 +290,20 @@ class Publisher:
             resource_id=request.resource_id,
         )
         data = encode(envelope)
+        problem = storage_problem(envelope, data)
+        if problem:
+            raise InvalidEvent(f"event {envelope['event_id']} cannot be stored: {problem}")
         limit = get_runtime().max_payload or DEFAULT_MAX_PAYLOAD
         if len(data) > limit:
             raise PayloadTooLarge(
                 f"event {envelope['event_id']} is {len(data)} bytes; the server accepts at most "
                 f"{limit}. Publish a reference (an id or URL) instead of the whole document."
             )
-        extra = {str(k): str(v) for k, v in (request.headers or {}).items()}
         return PreparedEvent(
             config,
             envelope,
             data,
-            {**extra, MSG_ID_HEADER: envelope["event_id"]},
+            {**_checked_headers(request.headers), MSG_ID_HEADER: envelope["event_id"]},
             config.subjects.publish,
             explicit_id=request.event_id is not None,
         )
@@ -330,6 +338,19 @@ class Publisher:
             functools.partial(_sender.after_commit, event, self.using, pk), using=self.using
         )
         return _result(event, "queued")
+
+
+def _checked_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """Return the caller's headers; raise ``InvalidEvent`` for one that cannot travel as is."""
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise InvalidEvent(f"headers must be a dict, got {type(headers).__name__}")
+    for name, value in headers.items():
+        problem = header_problem(name, value)
+        if problem:
+            raise InvalidEvent(problem)
+    return dict(headers)
 
 
 def _result(event: PreparedEvent, status: Status, ack: PubAck | None = None) -> PublishResult:

@@ -1,9 +1,11 @@
 """The health endpoint: JSON, 200 when healthy and 503 otherwise.
 
 Mount it with ``path("health/jetstream/", include("jetstream_bridge.urls"))`` or route
-``HealthView.as_view(...)`` yourself to set thresholds, named durables or ``detail=False``
-(status only, for endpoints the public can reach). The body never holds credentials: server
-URLs are redacted and error texts scrubbed.
+``HealthView.as_view(...)`` yourself to set thresholds or named durables. Anyone gets the
+status; the details (servers, streams, lag, error texts that may name the database host) go
+only to staff users and to callers sending ``Authorization: Bearer <HEALTH_TOKEN>``
+(``detail=True`` shows them to everyone, ``detail=False`` to no one). The body never holds
+credentials: server URLs are redacted and error texts scrubbed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from django.http import HttpRequest, JsonResponse
 from django.utils.cache import add_never_cache_headers
 from django.views import View
 
+from .access import configured_token, may_see_async
 from .exceptions import ConfigurationError
 from .health import UNHEALTHY, Duration, check_async
 
@@ -33,9 +36,14 @@ class HealthView(View):
     max_dlq_depth: int | None = None
     timeout: float | None = None
     using: str | None = None
-    detail = True
+    # None: details for staff users and HEALTH_TOKEN holders only; True: for everyone;
+    # False: for no one.
+    detail: bool | None = None
 
     async def get(self, request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
+        detail = self.detail
+        if detail is None:
+            detail = await may_see_async(request, configured_token("health_token"))
         try:
             report = await check_async(
                 self.durables,
@@ -47,13 +55,12 @@ class HealthView(View):
             )
         except ConfigurationError:
             logger.exception("health check: invalid JETSTREAM_BRIDGE settings")
-            body: dict[str, Any] = {
-                "status": UNHEALTHY,
-                "problems": ["invalid JETSTREAM_BRIDGE settings; run `manage.py check`"],
-            }
+            body: dict[str, Any] = {"status": UNHEALTHY}
+            if detail:
+                body["problems"] = ["invalid JETSTREAM_BRIDGE settings; run `manage.py check`"]
             status = 503
         else:
-            body = report.to_dict() if self.detail else {"status": report.status}
+            body = report.to_dict() if detail else {"status": report.status}
             status = 200 if report.healthy else 503
         response = JsonResponse(body, status=status)
         add_never_cache_headers(response)

@@ -6,6 +6,7 @@ pulling) and its ``jsm`` (JetStream management), and sees only our own exception
 
 - ``client``: ``Connection``, connecting, publishing, fetching, subscribing.
 - ``options``: connect options (credentials, TLS) from the settings.
+- ``tls``: ``GuardedClient``, which never sends ``CONNECT`` in plaintext when TLS is expected.
 - ``errors``: JetStream API error codes and nats-py error translation.
 - ``manager``: ``JetStreamManager``, one method per JetStream API call.
 - ``publish``: reading publish acks; ``publish_many``'s ack window.

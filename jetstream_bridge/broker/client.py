@@ -26,6 +26,7 @@ from .manager import JetStreamManager
 from .options import auth_options
 from .publish import AckInbox, pub_ack
 from .pull import Delivery, PullChannel
+from .tls import GuardedClient, TlsNotOffered, expects_tls
 from .types import PubAck, ServerInfo
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class Connection:
 
         async def on_error(exc: Exception) -> None:
             self._last_error = exc
-            if is_refused_login(exc):
+            if is_refused_login(exc) or isinstance(exc, TlsNotOffered):
                 auth_failed.set()
             logger.warning(
                 "nats error: %s",
@@ -109,7 +110,7 @@ class Connection:
         async def on_reconnected() -> None:
             logger.info("nats reconnected", extra={"servers": self.urls_for_humans})
 
-        nc = NatsClient()
+        nc = GuardedClient(require_tls=expects_tls(config))
         connect = asyncio.ensure_future(
             nc.connect(
                 servers=list(config.nats_urls),
@@ -146,6 +147,13 @@ class Connection:
 
     def _connect_error(self, cause: BaseException | None, *, refused: bool) -> NatsError:
         reason = scrub(str(cause) or type(cause).__name__) if cause else "no answer"
+        if isinstance(cause, TlsNotOffered):
+            return AuthenticationFailed(
+                f"NATS at {self.urls_for_humans} did not start TLS, but the settings require it "
+                "(TLS_CA_FILE, TLS_CERT_FILE, TLS_HANDSHAKE_FIRST or a tls:// URL); no "
+                "credentials were sent. Enable TLS on the server (a `tls` block), or check for "
+                "a proxy or a man in the middle between this host and the server."
+            )
         if refused:
             return AuthenticationFailed(
                 f"NATS at {self.urls_for_humans} refused the connection: {reason}. Check USER/"

@@ -83,4 +83,6 @@ def auth_options(config: BridgeConfig) -> dict[str, Any]:
     tls = tls_context(config)
     if tls is not None:
         options["tls"] = tls
+    if config.tls_handshake_first:
+        options["tls_handshake_first"] = True
     return options

@@ -25,9 +25,17 @@ from .errors import InvalidEvent, MalformedEnvelope
 SCHEMA_VERSION = 1
 MSG_ID_HEADER = "Nats-Msg-Id"  # case matters: the server dedupes on this exact name
 REQUIRED_FIELDS = ("event_id", "event_type", "resource_type", "payload")
-MAX_DEPTH = 64  # deeper payloads are almost always a bug or an attack on the decoder
-MAX_ID_LENGTH = 255  # fits the event_id column
-MAX_TYPE_LENGTH = 100  # fits the event_type and resource_type columns of the built-in tables
+# Payload levels, the innermost value counting as one even when it is an empty list or
+# object. With the envelope's own object that is 32 levels: as deep as MariaDB's JSON columns
+# accept (the outbox and inbox store the envelope), and far more than a real event needs.
+MAX_DEPTH = 31
+MAX_ID_LENGTH = 255  # fits the event_id and resource_id columns
+MAX_TYPE_LENGTH = 100  # fits the event_type and resource_type columns
+# A NUL escape in encoded JSON (an odd run of backslashes before u0000): PostgreSQL's text and
+# jsonb cannot hold it.
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+# Header names NATS accepts (RFC 7230 token characters), as nats-py checks them.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 Envelope = dict[str, Any]
 
@@ -73,7 +81,10 @@ def _depth(value: Any, limit: int) -> int:
             deepest = depth
             if deepest > limit:
                 return deepest
-        if isinstance(item, Mapping):
+        if isinstance(item, (Mapping, list, tuple)) and not item:
+            # An empty container still takes a level below it in MariaDB's count.
+            stack.append((None, depth + 1))
+        elif isinstance(item, Mapping):
             stack.extend((v, depth + 1) for v in item.values())
         elif isinstance(item, (list, tuple)):
             stack.extend((v, depth + 1) for v in item)
@@ -85,6 +96,51 @@ def _has_control_characters(text: str) -> bool:
     # key in the inbox (PostgreSQL text cannot hold NUL: one such id failed every batch it
     # arrived in). Ids are identifiers, so control characters are refused outright.
     return any(ord(char) < 0x20 or ord(char) == 0x7F for char in text)
+
+
+def storage_problem(envelope: Mapping[str, Any], data: bytes) -> str | None:
+    """Return why the encoded envelope cannot be stored on every database, or ``None``.
+
+    The columns' lengths hold on the outbox and the inbox alike; ``data`` is ``encode()``'s
+    output, where a NUL anywhere shows as an escape.
+    """
+    for name, limit in (("resource_type", MAX_TYPE_LENGTH), ("event_type", MAX_TYPE_LENGTH)):
+        if len(str(envelope.get(name) or "")) > limit:
+            return f"{name} is longer than {limit} characters"
+    resource_id = envelope.get("resource_id")
+    if resource_id is not None and not isinstance(resource_id, (str, int)):
+        return f"resource_id must be a string, got {type(resource_id).__name__}"
+    if len(str(resource_id or "")) > MAX_ID_LENGTH:
+        return f"resource_id is longer than {MAX_ID_LENGTH} characters"
+    if _NUL_ESCAPE.search(data):
+        return "it holds a NUL character (\\u0000), which PostgreSQL cannot store"
+    return None
+
+
+def header_problem(name: object, value: object) -> str | None:
+    """Return why ``name: value`` cannot travel as a message header unchanged, or ``None``.
+
+    A header nats-py refuses would fail its outbox row on every attempt (and, with
+    OUTBOX_ORDERING, hold back its resource); one NATS would alter arrives different. The
+    ``Nats-`` names are the server's own: they dedupe, expect sequences or roll the stream up.
+    """
+    if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+        return (
+            f"header name {name!r} must be a non-empty string of letters, digits and "
+            "!#$%&'*+-.^_`|~ (no spaces, colons, control or non-ASCII characters)"
+        )
+    if name.lower().startswith("nats-"):
+        return f"header name {name!r} is reserved for the NATS server (Nats-*)"
+    if not isinstance(value, str):
+        return f"header {name!r} must be a string, got {type(value).__name__}"
+    if value != value.strip() or _has_control_characters(value):
+        return (
+            f"header {name!r} must not hold control characters (CR, LF, NUL) or start or end "
+            "with whitespace"
+        )
+    if not value.isprintable() and any(0xD800 <= ord(char) <= 0xDFFF for char in value):
+        return f"header {name!r} is not valid Unicode (it holds a lone surrogate)"
+    return None
 
 
 def _require_text(name: str, value: object) -> str:
@@ -111,11 +167,9 @@ def build_envelope(  # noqa: PLR0913 (keyword-only: one argument per envelope fi
         raise InvalidEvent(f"payload must be a dict, got {type(payload).__name__}")
     if event_id is None:
         event_id = new_event_id()
-    _require_text("event_id", event_id)
-    if len(event_id) > MAX_ID_LENGTH:
-        raise InvalidEvent(f"event_id is longer than {MAX_ID_LENGTH} characters")
-    if _has_control_characters(event_id):
-        raise InvalidEvent("event_id must not contain control characters")
+    problem = event_id_problem(event_id)
+    if problem:
+        raise InvalidEvent(f"{problem} (got {event_id!r})")
     if _depth(payload, MAX_DEPTH) > MAX_DEPTH:
         raise InvalidEvent(f"payload is nested deeper than {MAX_DEPTH} levels")
     if resource_id is None and payload.get("id") is not None:
@@ -137,12 +191,18 @@ def encode(envelope: Mapping[str, Any]) -> bytes:
     """Encode an envelope as compact UTF-8 JSON; raise ``InvalidEvent`` if it cannot be."""
     try:
         text = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidEvent(
             f"payload is not JSON-serialisable ({exc}); convert dates, decimals and model "
             "instances to strings or numbers first"
         ) from exc
-    return text.encode("utf-8")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidEvent(
+            "the event holds text that is not valid Unicode (a lone surrogate such as "
+            f"'\\ud800' at character {exc.start}); fix the string or its decoding"
+        ) from None
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,11 @@ credentials scrubbed from text that reaches logs, health reports and the admin."
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit, urlunsplit
 
-_CREDENTIALS_IN_TEXT = re.compile(r"(\w+://)[^/@\s]+@")
+# Where a URL starts: a scheme and "://", not glued to a word before it (so the "ab://" inside
+# a password "x:ab://c" does not start a new URL and leave "x:ab" in the clear).
+_SCHEME = re.compile(r"(?<![A-Za-z0-9+.\-:/@%])[A-Za-z][A-Za-z0-9+.\-]*://")
+_SPACE = re.compile(r"\s")
 
 
 class Secret:
@@ -32,26 +34,57 @@ class Secret:
         return hash(self._value)
 
 
-def redact_url(url: str) -> str:
-    """Return ``url`` with any password or token replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable url>"
-    if not parts.username and not parts.password:
-        return url
-    try:
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-    except ValueError:  # a port out of range: show the host part as written
-        host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
+def _redact_authority(rest: str) -> str:
+    """Hide the credentials of one URL's text after ``scheme://``.
+
+    The credentials run to the *last* ``@``: a password may hold ``?``, ``#``, ``/`` or even
+    ``@``, which a URL parser reads as the start of the query, fragment or path (and then sees
+    no password at all). Hiding too much is harmless; hiding too little is a leak.
+    """
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return rest
+    user, colon, _ = userinfo.partition(":")
     # A lone "user" in nats://token@host is a token; hide it too.
-    cred = f"{user}:***" if parts.password is not None else "***"
-    return urlunsplit((parts.scheme, f"{cred}@{host}", parts.path, parts.query, parts.fragment))
+    shown = f"{user}:***" if colon and user and not _looks_secret(user) else "***"
+    return f"{shown}@{host}"
+
+
+def _looks_secret(user: str) -> bool:
+    # A user name with URL delimiters is most likely the start of a mangled secret.
+    return any(char in user for char in "/?#@")
+
+
+def _redact(text: str, *, stop_at_space: bool) -> str:
+    pieces: list[str] = []
+    position = 0
+    starts = list(_SCHEME.finditer(text))
+    for index, match in enumerate(starts):
+        end = starts[index + 1].start() if index + 1 < len(starts) else len(text)
+        if stop_at_space:
+            space = _SPACE.search(text, match.end(), end)
+            if space is not None:
+                end = space.start()
+        pieces.append(text[position : match.end()])
+        pieces.append(_redact_authority(text[match.end() : end]))
+        position = end
+    pieces.append(text[position:])
+    return "".join(pieces)
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with any password or token replaced by ``***``.
+
+    Works by reading the text, not by parsing it as a URL, so a password that holds ``?``,
+    ``#``, ``/`` or ``@`` is hidden too; several comma-separated URLs, IPv6 hosts
+    (``[::1]:4222``) and ``nats://token@host`` are handled alike.
+    """
+    return _redact(url, stop_at_space=False)
 
 
 def scrub(text: str) -> str:
-    """Remove credentials that an underlying error message may have copied from a URL."""
-    return _CREDENTIALS_IN_TEXT.sub(r"\1***@", text)
+    """Remove credentials that an underlying error message may have copied from a URL.
+
+    In free text a URL ends at whitespace or where the next ``scheme://`` begins.
+    """
+    return _redact(text, stop_at_space=True)

@@ -184,9 +184,18 @@ def test_metrics__consuming_counts_each_outcome_times_handlers_and_reports_lag(
     assert sample("jetstream_bridge_consumer_ack_pending_messages", **lag) == 0
 
 
+def scraper_request() -> Any:
+    """A request from a staff user (anyone else is refused: tests/integration/test_exposure)."""
+    from django.contrib.auth.models import User
+
+    request = RequestFactory().get("/metrics")
+    request.user = User(username="scraper", is_staff=True, is_active=True)
+    return request
+
+
 def test_metrics__view_serves_the_default_registry(bridge: BridgeConfig) -> None:
     publish_order(1)
-    response = metrics.metrics_view(RequestFactory().get("/metrics"))
+    response = metrics.metrics_view(scraper_request())
     assert response.status_code == 200
     assert response["Content-Type"].startswith("text/plain")
     body = response.content.decode()
@@ -249,7 +258,7 @@ def test_metrics__without_prometheus_client_every_function_is_a_no_op(
     metrics.dead_lettered("c", dead_letter.REJECTED)
     assert metrics.timed(handler, "c") is handler
     assert list(metrics.COLLECTOR.collect()) == []
-    response = metrics.metrics_view(RequestFactory().get("/metrics"))
+    response = metrics.metrics_view(scraper_request())
     assert response.status_code == 501
     assert b"pip install 'django-jetstream-bridge[metrics]'" in response.content
     assert [REGISTRY.get_sample_value(name, labels) for name, labels in samples] == before

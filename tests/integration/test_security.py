@@ -317,6 +317,7 @@ def _issue(
     issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
     *,
     server: bool = False,
+    names: list[x509.GeneralName] | None = None,
 ) -> x509.Certificate:
     now = datetime.datetime.now(datetime.timezone.utc)
     issuer_name = issuer[0].subject if issuer else _name(subject)
@@ -357,7 +358,8 @@ def _issue(
         if server:
             builder = builder.add_extension(
                 x509.SubjectAlternativeName(
-                    [
+                    names
+                    or [
                         x509.DNSName("localhost"),
                         x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
                     ]

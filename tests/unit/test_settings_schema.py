@@ -67,6 +67,8 @@ def test_schema__environment_fallbacks_and_flags() -> None:
         "PASSWORD",
         "TOKEN",
         "NKEY_SEED",
+        "HEALTH_TOKEN",
+        "METRICS_TOKEN",
     ]
     assert [s.key for s in SETTINGS if s.required] == ["DESTINATION_APP"]
     assert [s.key for s in SETTINGS if s.follows_env] == ["STREAM_NAME", "DLQ_SUBJECT"]

@@ -61,6 +61,9 @@ class BridgeConfig:
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    tls_handshake_first: bool = False
+    health_token: Secret | None = field(default=None, repr=False)
+    metrics_token: Secret | None = field(default=None, repr=False)
     relay_batch_size: int = 1000
     relay_lease: float = 60.0
     relay_poll_interval: float = 1.0

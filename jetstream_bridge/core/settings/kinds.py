@@ -275,7 +275,8 @@ class Urls(Kind):
                     key,
                     f"JETSTREAM_BRIDGE[{key!r}] has an invalid URL: {shown}.",
                     f"Write {key!r}: ['nats://host:4222'] or set NATS_URLS="
-                    "nats://host1:4222,nats://host2:4222 in the environment.",
+                    "nats://host1:4222,nats://host2:4222 in the environment. A password "
+                    "holding ?, #, / or @ cannot be written in a URL: set USER and PASSWORD.",
                 )
             )
         return tuple(good)

@@ -307,6 +307,29 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(key="TLS_KEY_FILE", kind=Text(), default=None, doc="client key"),
     Setting(
+        key="TLS_HANDSHAKE_FIRST",
+        kind=Boolean(),
+        default=False,
+        doc="start TLS before the server's INFO",
+        details="for a server configured with `handshake_first`; with any TLS setting or a "
+        "`tls://` URL the connection is TLS or it fails, and no credentials are sent in "
+        "plaintext",
+    ),
+    Setting(
+        key="HEALTH_TOKEN",
+        kind=SecretText(),
+        default=None,
+        doc="bearer token that shows the health view's details (secret)",
+        details="without it, or a staff login, the view answers only the status",
+    ),
+    Setting(
+        key="METRICS_TOKEN",
+        kind=SecretText(),
+        default=None,
+        doc="bearer token that may read `metrics_view` (secret)",
+        details="without it, or a staff login, the view answers 403",
+    ),
+    Setting(
         key="RELAY_BATCH_SIZE",
         kind=Integer(minimum=1),
         default=1000,
