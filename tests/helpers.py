@@ -153,3 +153,22 @@ def publish_incoming(
 
 def publish_raw(config: Any, data: bytes, headers: dict[str, str] | None = None) -> int:
     return nats(lambda c: c.publish(config.subjects.subscribe, data, headers)).seq
+
+
+def fast_retry_bridge(settings: Any, durable: str, **extra: Any) -> Any:
+    """Point the bridge at short retries (3 deliveries, 200 ms apart), ensure ``durable``.
+
+    Return the config. For tests that watch messages get retried and dead-lettered.
+    """
+    settings.JETSTREAM_BRIDGE = {
+        **settings.JETSTREAM_BRIDGE,
+        "MAX_DELIVER": 3,
+        "ACK_WAIT": "2s",
+        "BACKOFF": ["200ms", "200ms"],
+        **extra,
+    }
+    from jetstream_bridge.conf import get_config
+    from jetstream_bridge.topology import ensure_topology
+
+    ensure_topology(durable=durable)
+    return get_config()

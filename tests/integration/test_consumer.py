@@ -20,7 +20,7 @@ from jetstream_bridge.core.envelope import build_envelope, encode
 from jetstream_bridge.handlers import HandlerRegistry
 from jetstream_bridge.models import InboxEvent
 from jetstream_bridge.topology import ensure_topology
-from tests.helpers import nats, publish_incoming, publish_raw, stream_messages
+from tests.helpers import fast_retry_bridge, nats, publish_incoming, publish_raw, stream_messages
 from tests.testapp import handlers
 from tests.testapp.models import Effect
 
@@ -30,16 +30,7 @@ DURABLE = "alpha-events"
 
 @pytest.fixture
 def bridge(jetstream_bridge: Any, settings: Any) -> Any:
-    settings.JETSTREAM_BRIDGE = {
-        **settings.JETSTREAM_BRIDGE,
-        "MAX_DELIVER": 3,
-        "ACK_WAIT": "2s",
-        "BACKOFF": ["200ms", "200ms"],
-    }
-    from jetstream_bridge.conf import get_config
-
-    config = get_config()
-    ensure_topology(durable=DURABLE)
+    config = fast_retry_bridge(settings, DURABLE)
     handlers.deliveries_seen.clear()
     return config
 

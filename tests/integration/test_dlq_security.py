@@ -23,8 +23,14 @@ from jetstream_bridge.broker import Connection
 from jetstream_bridge.consumer import Consumer
 from jetstream_bridge.core import dead_letter as letters
 from jetstream_bridge.core.envelope import MSG_ID_HEADER, build_envelope, encode
-from jetstream_bridge.topology import ensure_topology
-from tests.helpers import manage, nats, publish_incoming, publish_raw, stream_messages
+from tests.helpers import (
+    fast_retry_bridge,
+    manage,
+    nats,
+    publish_incoming,
+    publish_raw,
+    stream_messages,
+)
 from tests.testapp import handlers
 from tests.testapp.models import Effect
 
@@ -37,17 +43,7 @@ RAW_CONTROLS = ("\x1b", "\x07", "\x08", "\r", "\x9b", "\u202e", "\u2066")
 
 
 def _configure(settings: Any, **extra: Any) -> Any:
-    settings.JETSTREAM_BRIDGE = {
-        **settings.JETSTREAM_BRIDGE,
-        "MAX_DELIVER": 3,
-        "ACK_WAIT": "2s",
-        "BACKOFF": ["200ms", "200ms"],
-        **extra,
-    }
-    from jetstream_bridge.conf import get_config
-
-    ensure_topology(durable=DURABLE)
-    return get_config()
+    return fast_retry_bridge(settings, DURABLE, **extra)
 
 
 @pytest.fixture

@@ -15,8 +15,14 @@ from jetstream_bridge.consumer import Consumer
 from jetstream_bridge.core import dead_letter as letters
 from jetstream_bridge.core.envelope import MSG_ID_HEADER
 from jetstream_bridge.models import InboxEvent
-from jetstream_bridge.topology import ensure_topology
-from tests.helpers import manage, nats, publish_incoming, publish_raw, stream_messages
+from tests.helpers import (
+    fast_retry_bridge,
+    manage,
+    nats,
+    publish_incoming,
+    publish_raw,
+    stream_messages,
+)
 from tests.testapp import handlers
 from tests.testapp.models import Effect
 
@@ -26,16 +32,7 @@ DURABLE = "alpha-events"
 
 @pytest.fixture
 def bridge(jetstream_bridge: Any, settings: Any) -> Any:
-    settings.JETSTREAM_BRIDGE = {
-        **settings.JETSTREAM_BRIDGE,
-        "MAX_DELIVER": 3,
-        "ACK_WAIT": "2s",
-        "BACKOFF": ["200ms", "200ms"],
-    }
-    from jetstream_bridge.conf import get_config
-
-    ensure_topology(durable=DURABLE)
-    return get_config()
+    return fast_retry_bridge(settings, DURABLE)
 
 
 def consume(handler: Any, **kwargs: Any) -> Any:

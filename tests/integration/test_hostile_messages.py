@@ -21,8 +21,14 @@ from jetstream_bridge.core import dead_letter
 from jetstream_bridge.core.envelope import build_envelope, encode
 from jetstream_bridge.handlers import HandlerRegistry
 from jetstream_bridge.models import InboxEvent
-from jetstream_bridge.topology import ensure_topology
-from tests.helpers import nats, publish_incoming, publish_raw, spawn, stream_messages
+from tests.helpers import (
+    fast_retry_bridge,
+    nats,
+    publish_incoming,
+    publish_raw,
+    spawn,
+    stream_messages,
+)
 from tests.testapp import handlers
 from tests.testapp.models import Effect
 
@@ -32,17 +38,7 @@ DURABLE = "hostile"
 
 @pytest.fixture
 def bridge(jetstream_bridge: Any, settings: Any) -> Any:
-    settings.JETSTREAM_BRIDGE = {
-        **settings.JETSTREAM_BRIDGE,
-        "MAX_DELIVER": 3,
-        "ACK_WAIT": "2s",
-        "BACKOFF": ["200ms", "200ms"],
-    }
-    from jetstream_bridge.conf import get_config
-
-    config = get_config()
-    ensure_topology(durable=DURABLE)
-    return config
+    return fast_retry_bridge(settings, DURABLE)
 
 
 def consume(handler: Any, **kwargs: Any) -> Any:
