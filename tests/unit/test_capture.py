@@ -20,29 +20,6 @@ from jetstream_bridge.testing.capture import Capture, capture_published
 from tests.testapp import handlers
 from tests.testapp.models import Effect
 
-UNREACHABLE = "nats://127.0.0.1:9"
-
-
-@pytest.fixture
-def bridge(settings: Any) -> Any:
-    settings.JETSTREAM_BRIDGE = {
-        **settings.JETSTREAM_BRIDGE,
-        "NATS_URLS": [UNREACHABLE],
-        "ENV": "unit",
-        "CONNECT_TIMEOUT": "200ms",
-    }
-    from jetstream_bridge.conf import get_config
-
-    return get_config()
-
-
-@pytest.fixture
-def no_outbox(bridge: Any, settings: Any) -> Any:
-    settings.JETSTREAM_BRIDGE = {**settings.JETSTREAM_BRIDGE, "USE_OUTBOX": False}
-    from jetstream_bridge.conf import get_config
-
-    return get_config()
-
 
 def publish(**overrides: Any) -> Any:
     fields: dict[str, Any] = {

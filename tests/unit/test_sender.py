@@ -36,27 +36,6 @@ class Recorder:
         self.calls.append(("after_commit", event, pk))
 
 
-@pytest.fixture
-def bridge(settings: Any) -> Any:
-    settings.JETSTREAM_BRIDGE = {
-        **settings.JETSTREAM_BRIDGE,
-        "NATS_URLS": ["nats://127.0.0.1:9"],
-        "ENV": "unit",
-        "CONNECT_TIMEOUT": "200ms",
-    }
-    from jetstream_bridge.conf import get_config
-
-    return get_config()
-
-
-@pytest.fixture
-def no_outbox(bridge: Any, settings: Any) -> Any:
-    settings.JETSTREAM_BRIDGE = {**settings.JETSTREAM_BRIDGE, "USE_OUTBOX": False}
-    from jetstream_bridge.conf import get_config
-
-    return get_config()
-
-
 def publish(**overrides: Any) -> Any:
     fields = {"resource_type": "order", "event_type": "created", "payload": {"id": 7}}
     return Publisher().publish(**{**fields, **overrides})
