@@ -206,14 +206,17 @@ class Text(Kind):
     """An optional string; empty means not set."""
 
     def parse(self, field: Field, problems: list[Problem]) -> Any:
+        return self.optional_string(field, problems, f"Write {field.key!r}: '...'.")
+
+    @staticmethod
+    def optional_string(field: Field, problems: list[Problem], hint: str) -> str | None:
+        """Return the value as a string, ``None`` when unset; report anything else."""
         key, value = field.key, field.value
         if value is None or value == "":
             return None
         if not isinstance(value, str):
             problems.append(
-                BAD_NUMBER.problem(
-                    key, f"JETSTREAM_BRIDGE[{key!r}] must be a string.", f"Write {key!r}: '...'."
-                )
+                BAD_NUMBER.problem(key, f"JETSTREAM_BRIDGE[{key!r}] must be a string.", hint)
             )
             return None
         return value
@@ -225,21 +228,11 @@ class SecretText(Kind):
     secret = True
 
     def parse(self, field: Field, problems: list[Problem]) -> Any:
-        key, value = field.key, field.value
-        if isinstance(value, Secret):
-            return value
-        if value is None or value == "":
-            return None
-        if not isinstance(value, str):
-            problems.append(
-                BAD_NUMBER.problem(
-                    key,
-                    f"JETSTREAM_BRIDGE[{key!r}] must be a string.",
-                    f"Read it from the environment, e.g. {key!r}: env('NATS_{key}').",
-                )
-            )
-            return None
-        return Secret(value)
+        if isinstance(field.value, Secret):
+            return field.value
+        hint = f"Read it from the environment, e.g. {field.key!r}: env('NATS_{field.key}')."
+        value = Text.optional_string(field, problems, hint)
+        return None if value is None else Secret(value)
 
 
 def _is_server_url(url: object) -> TypeGuard[str]:
