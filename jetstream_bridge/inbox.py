@@ -8,17 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.apps import apps
 from django.core.exceptions import FieldDoesNotExist
-from django.db import IntegrityError, connections, models
+from django.db import IntegrityError, connections, models, router
 from django.utils import timezone
 
 from .core.envelope import FieldLimits
+from .core.errors import JetStreamBridgeError
 from .core.settings import BridgeConfig
 from .models import InboxStatus, field_names, only_fields
 from .outcomes import ReceivedMessage
+from .purge import DEFAULT_BATCH_SIZE, Purged, delete_in_batches
 from .sql import RawJson, insert_rows, postgresql
 
 
@@ -191,6 +194,67 @@ class Inbox:
     def _insert(self, rows: list[dict[str, Any]]) -> None:
         """One INSERT for ``rows``; a unique-key conflict raises ``IntegrityError``."""
         insert_rows(self.model, self.manager.db, rows)
+
+
+# A row's age for the purge: the first of these columns the model has and the row has set.
+# Processed rows age from when they were processed, not received: the later of the two, so a
+# row outlives by at least the horizon the moment its event was last handled (an event retried
+# for days is remembered from its success, not its first delivery). Failed rows record no time
+# of their last failure (``updated_at`` is not kept by the bulk updates), so they age from
+# their first delivery.
+PROCESSED_AGE = ("processed_at", "received_at", "created_at")
+FAILED_AGE = ("received_at", "created_at")
+
+
+class InboxStore:
+    """The whole inbox table (``INBOX_MODEL``) on one database alias: retention."""
+
+    def __init__(self, config: BridgeConfig, *, using: str | None = None) -> None:
+        self.model = inbox_model(config)
+        self.names = field_names(self.model)
+        self.manager = self.model._default_manager.db_manager(
+            using or router.db_for_write(self.model)
+        )
+
+    def purge_processed(
+        self,
+        older_than: float,
+        *,
+        include_failed: bool = False,
+        consumer: str | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        dry_run: bool = False,
+    ) -> Purged:
+        """Delete processed rows older than ``older_than`` seconds, in batches (``purge.py``).
+
+        Failed rows (the record of a dead-lettered event, what the admin re-runs) are kept
+        unless ``include_failed``; rows still being received are always kept. ``consumer``
+        limits the purge to one durable's rows. A purged event that comes back is handled
+        again: see the README's *Retention*.
+        """
+        cutoff = timezone.now() - timedelta(seconds=older_than)
+        doomed = models.Q(status=InboxStatus.PROCESSED) & self._older(cutoff, PROCESSED_AGE)
+        if include_failed:
+            doomed |= models.Q(status=InboxStatus.FAILED) & self._older(cutoff, FAILED_AGE)
+        queryset = self.manager.filter(doomed)
+        if consumer is not None and "consumer" in self.names:
+            queryset = queryset.filter(consumer=consumer)
+        return delete_in_batches(queryset, batch_size=batch_size, dry_run=dry_run)
+
+    def _older(self, cutoff: datetime, columns: Sequence[str]) -> models.Q:
+        """Rows whose first set column among ``columns`` is before ``cutoff``."""
+        present = [name for name in columns if name in self.names]
+        if not present:
+            raise JetStreamBridgeError(
+                f"{self.model._meta.label} has none of the columns {', '.join(columns)}: the "
+                "purge cannot tell a row's age; add processed_at = DateTimeField(null=True)"
+            )
+        older = models.Q()
+        for index, name in enumerate(present):
+            unset_before = {f"{earlier}__isnull": True for earlier in present[:index]}
+            clause = models.Q(**unset_before, **{f"{name}__lt": cutoff})
+            older = clause if index == 0 else older | clause
+        return older
 
 
 def _received_json(body: bytes) -> RawJson | None:

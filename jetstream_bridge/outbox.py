@@ -32,6 +32,7 @@ from .outbox_rows import (
     readable,
     row_columns,
 )
+from .purge import DEFAULT_BATCH_SIZE, Purged, delete_in_batches
 from .sql import case_by_pk, insert_rows, postgresql
 
 logger = logging.getLogger(__name__)
@@ -320,18 +321,17 @@ class OutboxStore:
         count = self.manager.filter(pk__in=found).filter(retryable).update(**values)
         return Requeued(found, int(count))
 
-    def purge_sent(self, older_than: float, *, chunk: int = 5000) -> int:
-        """Delete sent rows older than ``older_than`` seconds, ``chunk`` rows per statement."""
+    def purge_sent(
+        self, older_than: float, *, batch_size: int = DEFAULT_BATCH_SIZE, dry_run: bool = False
+    ) -> Purged:
+        """Delete sent rows older than ``older_than`` seconds, in batches (``purge.py``).
+
+        A row's age is its ``sent_at``; unsent rows are kept however old they are.
+        """
         sent = self.manager.filter(status=OutboxStatus.SENT)
         if "sent_at" in self.names:
             sent = sent.filter(sent_at__lt=timezone.now() - timedelta(seconds=older_than))
-        total = 0
-        while True:
-            pks = list(sent.order_by("pk").values_list("pk", flat=True)[:chunk])
-            if not pks:
-                return total
-            deleted, _ = self.manager.filter(pk__in=pks).delete()
-            total += deleted
+        return delete_in_batches(sent, batch_size=batch_size, dry_run=dry_run)
 
     def backlog(self) -> dict[str, Any]:
         """Count rows by status and the age in seconds of the oldest unsent row."""

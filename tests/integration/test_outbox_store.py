@@ -67,7 +67,8 @@ def test_outbox_store__purge_sent_deletes_only_old_sent_rows() -> None:
     recent = outbox_row(get_config(), status="sent", number=2, age=timedelta(hours=1))
     unsent = outbox_row(get_config(), status="failed", number=3, age=timedelta(days=8))
 
-    assert OutboxStore(get_config()).purge_sent(timedelta(days=7).total_seconds(), chunk=1) == 1
+    purged = OutboxStore(get_config()).purge_sent(timedelta(days=7).total_seconds(), batch_size=1)
+    assert purged.rows == 1
 
     assert set(OutboxEvent.objects.values_list("pk", flat=True)) == {recent.pk, unsent.pk}
     assert not OutboxEvent.objects.filter(pk=old.pk).exists()

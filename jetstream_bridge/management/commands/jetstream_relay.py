@@ -43,9 +43,9 @@ class Command(BridgeCommand):
 
             age = parse_duration(options["purge_sent_after"])
             store = OutboxStore(get_config(), using=options["database"])
-            deleted = store.purge_sent(age)
+            purged = store.purge_sent(age)
             self.stdout.write(
-                f"purged {deleted} sent row(s) older than {options['purge_sent_after']}"
+                f"purged {purged.rows} sent row(s) older than {options['purge_sent_after']}"
             )
         relay = Relay(
             using=options["database"],
