@@ -1,4 +1,4 @@
-"""Text for a terminal: the health report and dead letters, as the commands print them.
+"""Text for a terminal: the health report, dead letters and purges, as the commands print them.
 
 Dead letters hold whatever their sender wrote, so every text taken from one goes through
 ``printable()``: a forged header or body must not move the cursor, recolour the terminal,
@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 
 from ..core import dead_letter as core_dlq
-from ..core.durations import format_age
+from ..core.durations import format_age, format_duration
 from ..dlq import DeadLetterMessage
 from ..health import ConsumerLag, HealthReport, OutboxBacklog
+from ..purge import Purged
 
 
 def health_lines(report: HealthReport) -> list[str]:
@@ -208,3 +209,12 @@ def dead_letter_lines(message: DeadLetterMessage, now: datetime | None = None) -
         lines.append(f"  {shown.ljust(width)}  {value}{mark}")
     lines += ["", "body:", printable(message.body_text(), newlines=True)]
     return lines
+
+
+def purged_line(table: str, what: str, purged: Purged, age: float) -> str:
+    """One line of the report: how many rows of ``table`` went (or would go)."""
+    verb = "would delete" if purged.dry_run else "deleted"
+    return (
+        f"{table}: {verb} {purged.rows} {what} row(s) older than {format_duration(age)} "
+        f"in {purged.batches} batch(es)"
+    )

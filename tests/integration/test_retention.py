@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import io
 from datetime import timedelta
+from typing import Any
 
 import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from jetstream_bridge.conf import get_config
-from jetstream_bridge.core.envelope import MSG_ID_HEADER, build_envelope
+from jetstream_bridge.core.envelope import MSG_ID_HEADER, build_envelope, encode
 from jetstream_bridge.inbox import InboxStore
 from jetstream_bridge.models import InboxEvent, InboxStatus, OutboxEvent
 from jetstream_bridge.outbox import OutboxStore
 from jetstream_bridge.purge import Purged
 from tests.admin_data import outbox_row
+from tests.helpers import fast_retry_bridge, nats, publish_incoming
+from tests.testapp.models import Effect
 
 pytestmark = pytest.mark.django_db(transaction=True)
 DAY = 86400.0
@@ -162,3 +168,146 @@ def test_outbox_purge__deletes_old_sent_rows_in_batches_and_keeps_recent_and_uns
     kept = set(OutboxEvent.objects.values_list("pk", flat=True))
     assert kept == {recent.pk, *(row.pk for row in unsent)}
     assert not kept & {row.pk for row in old}
+
+
+def purge(*args: str) -> tuple[str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    call_command("jetstream_purge", *args, stdout=out, stderr=err)
+    return out.getvalue(), err.getvalue()
+
+
+def test_purge_command__reports_rows_per_table_and_dry_run_deletes_nothing() -> None:
+    config = get_config()
+    for i in range(3):
+        outbox_row(config, status="sent", number=i, age=timedelta(days=8))
+    outbox_row(config, status="pending", number=9, age=timedelta(days=8))
+    mixed_inbox()
+    args = ("--outbox-sent-after", "7d", "--inbox-processed-after", "30d", "--batch-size", "2")
+
+    out, _ = purge(*args, "--include-failed", "--dry-run")
+
+    assert out.splitlines() == [
+        "outbox: would delete 3 sent row(s) older than 7d in 2 batch(es)",
+        "inbox: would delete 3 processed or failed row(s) older than 30d in 2 batch(es)",
+    ]
+    assert (OutboxEvent.objects.count(), InboxEvent.objects.count()) == (4, 7)
+
+    out, _ = purge(*args)
+
+    assert out.splitlines() == [
+        "outbox: deleted 3 sent row(s) older than 7d in 2 batch(es)",
+        "inbox: deleted 2 processed row(s) older than 30d in 1 batch(es)",
+    ]
+    assert list(OutboxEvent.objects.values_list("status", flat=True)) == ["pending"]
+    assert "old-failed" in remaining()
+
+
+def test_purge_command__one_table_alone() -> None:
+    mixed_inbox()
+
+    out, _ = purge("--inbox-processed-after", "30d")
+
+    assert out.splitlines() == ["inbox: deleted 2 processed row(s) older than 30d in 1 batch(es)"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "nothing to purge: give --outbox-sent-after AGE and/or --inbox-processed-after AGE"),
+        (("--outbox-sent-after", "7d", "--include-failed"), "need --inbox-processed-after AGE"),
+        (("--inbox-processed-after", "soon"), "'soon' is not a duration"),
+        (("--inbox-processed-after", "30d", "--batch-size", "0"), "from 1 to 10000"),
+    ],
+)
+def test_purge_command__bad_arguments_say_what_to_write(
+    args: tuple[str, ...], message: str
+) -> None:
+    inbox("old", InboxStatus.PROCESSED, received=40, processed=40)
+
+    with pytest.raises(CommandError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        purge(*args)
+
+    assert remaining() == {"old"}
+
+
+def test_purge_command__warns_when_the_horizon_is_shorter_than_the_streams_age(
+    settings: Any,
+) -> None:
+    settings.JETSTREAM_BRIDGE = {**settings.JETSTREAM_BRIDGE, "STREAM_MAX_AGE": "7d"}
+
+    _, err = purge("--inbox-processed-after", "1d", "--dry-run")
+    assert "the inbox horizon 1d is shorter than STREAM_MAX_AGE 7d" in err
+    assert "runs its handler again" in err
+
+    _, err = purge("--inbox-processed-after", "7d", "--dry-run")
+    assert err == ""
+
+
+DURABLE = "billing"
+
+
+def test_consume_command__purges_its_durables_old_rows_then_consumes(
+    jetstream_bridge: Any, settings: Any
+) -> None:
+    config = fast_retry_bridge(settings, DURABLE)
+    mixed_inbox()
+    fresh = publish_incoming(config, 2)
+    out = io.StringIO()
+
+    call_command(
+        "jetstream_consume",
+        "--durable",
+        DURABLE,
+        "--handler",
+        "tests.testapp.handlers.record_effect",
+        "--stop-when-idle",
+        "--idle-timeout",
+        "0.5",
+        "--purge-processed-after",
+        "30d",
+        "--purge-failed",
+        stdout=out,
+    )
+
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "inbox: deleted 2 processed or failed row(s) older than 30d in 1 batch(es)"
+    assert lines[-1].startswith("processed 2,")
+    # The other durable's old row stays; this durable's old processed and failed rows went.
+    assert remaining() == {
+        "old-processed-2",
+        "retried-then-processed",
+        "new-processed",
+        "new-failed",
+        "old-received",
+        *fresh,
+    }
+
+
+def test_consume_command__purge_failed_needs_the_horizon() -> None:
+    with pytest.raises(CommandError, match="--purge-failed needs --purge-processed-after AGE"):
+        call_command("jetstream_consume", "--durable", DURABLE, "--purge-failed")
+
+
+def test_inbox_purge__an_event_that_comes_back_after_its_row_was_purged_runs_again(
+    jetstream_bridge: Any, settings: Any
+) -> None:
+    """The consequence the README spells out, shown: the purge horizon is the dedupe horizon."""
+    config = fast_retry_bridge(settings, DURABLE)
+    event = publish_incoming(config, 1)[0]
+    run = ("--durable", DURABLE, "--handler", "tests.testapp.handlers.record_effect")
+    idle = ("--stop-when-idle", "--idle-timeout", "0.5")
+    call_command("jetstream_consume", *run, *idle, stdout=io.StringIO())
+    body = encode(InboxEvent.objects.get(event_id=event).payload)
+
+    # The same event again after the stream's duplicate window (a new Nats-Msg-Id stands for
+    # that: a producer publishing it again, a replay): its row recognises it.
+    nats(lambda c: c.publish(config.subjects.subscribe, body, {MSG_ID_HEADER: f"{event}-2"}))
+    call_command("jetstream_consume", *run, *idle, stdout=io.StringIO())
+    assert Effect.objects.filter(event_id=event).count() == 1
+
+    InboxEvent.objects.update(processed_at=timezone.now() - timedelta(days=40))
+    purge("--inbox-processed-after", "30d")
+    nats(lambda c: c.publish(config.subjects.subscribe, body, {MSG_ID_HEADER: f"{event}-3"}))
+    call_command("jetstream_consume", *run, *idle, stdout=io.StringIO())
+
+    assert Effect.objects.filter(event_id=event).count() == 2

@@ -3,9 +3,15 @@ from __future__ import annotations
 from argparse import ArgumentParser
 from typing import Any
 
+from django.core.management.base import CommandError
+
+from ...conf import get_config
 from ...consumer import Consumer
+from ...core.retention import inbox_horizon_warning
 from ...handlers import load_handler
-from ..base import BridgeCommand
+from ...inbox import InboxStore
+from ..base import BridgeCommand, duration_arg
+from ..render import purged_line
 
 
 class Command(BridgeCommand):
@@ -32,8 +38,25 @@ class Command(BridgeCommand):
             "--idle-timeout", type=float, default=1.0, help="seconds one fetch waits for messages"
         )
         parser.add_argument("--database", help="database alias of the inbox")
+        parser.add_argument(
+            "--purge-processed-after",
+            type=duration_arg,
+            metavar="AGE",
+            help="delete this durable's inbox rows processed more than AGE ago (e.g. 30d), "
+            "then consume",
+        )
+        parser.add_argument(
+            "--purge-failed",
+            action="store_true",
+            help="with --purge-processed-after, also its failed rows received more than AGE ago",
+        )
 
     def run(self, **options: Any) -> None:
+        age = options["purge_processed_after"]
+        if options["purge_failed"] and age is None:
+            raise CommandError("--purge-failed needs --purge-processed-after AGE")
+        if age is not None:
+            self._purge(age, options)
         handler = load_handler(options["handler"]) if options["handler"] else None
         consumer = Consumer(
             durable_name=options["durable"],
@@ -49,3 +72,14 @@ class Command(BridgeCommand):
             f"processed {stats.processed}, duplicates {stats.duplicates}, retried "
             f"{stats.retried}, dead-lettered {stats.dead_lettered}"
         )
+
+    def _purge(self, age: float, options: dict[str, Any]) -> None:
+        config = get_config()
+        warning = inbox_horizon_warning(age, config.stream_max_age)
+        if warning:
+            self.stderr.write(f"warning: {warning}")
+        purged = InboxStore(config, using=options["database"]).purge_processed(
+            age, include_failed=options["purge_failed"], consumer=options["durable"]
+        )
+        what = "processed or failed" if options["purge_failed"] else "processed"
+        self.stdout.write(purged_line("inbox", what, purged, age))
