@@ -286,13 +286,16 @@ def rails_alpha_dead_letters(config: Any, nats_server: Any, **options: Any) -> t
     return envelope, stats
 
 
+@pytest.mark.parametrize("dlq_headers", ["v2.0", "v2.4"])
 def test_gem_dead_letter__in_the_shared_stream_is_dropped_as_a_duplicate(
-    jetstream_bridge: Any, nats_server: Any
+    jetstream_bridge: Any, nats_server: Any, dlq_headers: str
 ) -> None:
     """The gem keeps the event's Nats-Msg-Id on the letter: the stream's dedupe drops it."""
     config = jetstream_bridge
     ensure_topology()
-    _, stats = rails_alpha_dead_letters(config, nats_server, backoff=("1s", "1s"))
+    _, stats = rails_alpha_dead_letters(
+        config, nats_server, backoff=("1s", "1s"), dlq_headers=dlq_headers
+    )
     assert stats.naks == 2
     assert [letter["duplicate"] for letter in stats.dead_letters] == [True]
     assert dlq.depth().messages == 0
@@ -384,3 +387,38 @@ def test_gem_dead_letter__garbled_context_never_stops_a_listing(
     refused = manage("jetstream_dlq", "replay", "--seq", str(bad_seq), env=subprocess_env)
     assert refused.returncode != 0
     assert f"not replayed {bad_seq}: no original subject" in refused.stderr
+
+
+def test_gem_dead_letter__of_another_apps_subject_is_replayed_only_when_named(
+    jetstream_bridge: Any, nats_server: Any, subprocess_env: dict[str, str]
+) -> None:
+    """The Rails "beta" fails an event alpha sent it: not our inbound subject, so named only."""
+    config = jetstream_bridge
+    separate_dlq_stream(config)
+    ensure_topology()
+    alpha_rails = rails(config, app="alpha", destination="beta")
+    envelope, _ = peer_run(
+        nats_server, alpha_rails, lambda p: p.publish("invoice", "paid", {"id": 5})
+    )
+    beta = rails(config, max_deliver=3, backoff=("1s", "1s"))
+    stats = peer_run(nats_server, beta, lambda p: p.consume(failing))
+    [landed] = stats.dead_letters
+    [letter] = dlq.list_dead_letters()[1]
+    assert (letter.original_subject, letter.consumer) == (
+        config.subjects.publish,
+        beta.durable_name,
+    )
+
+    refused = manage("jetstream_dlq", "replay", env=subprocess_env)
+    assert refused.returncode != 0
+    assert f"not replayed {landed['seq']}: refusing to publish to" in refused.stderr
+    assert "not this app's inbound subject" in refused.stderr
+    assert dlq.depth().messages == 1
+
+    named = manage(
+        "jetstream_dlq", "replay", "--to-subject", config.subjects.publish, env=subprocess_env
+    )
+    assert named.returncode == 0, named.stderr
+    handled = peer_run(nats_server, beta, lambda p: p.consume(lambda e, s, d: None))
+    assert handled.handled == [envelope["event_id"]]
+    assert dlq.depth().messages == 0
