@@ -97,21 +97,22 @@ class DeadLetterMessage:
             verification=core_dlq.verification(headers, message.data, key),
         )
 
-    @property
+    @cached_property
     def letter(self) -> core_dlq.ClaimedLetter:
+        """What the headers claim: this bridge's ``Jsb-`` set or the Ruby gem's ``x-dlq-*``."""
         return core_dlq.ClaimedLetter.from_headers(self.headers)
 
     @property
     def reason(self) -> str:
-        return self.headers.get(core_dlq.REASON, "")
+        return self.letter.reason
 
     @property
     def original_subject(self) -> str:
-        return self.headers.get(core_dlq.ORIGINAL_SUBJECT, "")
+        return self.letter.original_subject
 
     @property
     def consumer(self) -> str:
-        return self.headers.get(core_dlq.CONSUMER, "")
+        return self.letter.consumer
 
     def age(self, now: datetime | None = None) -> float | None:
         """Return the seconds since the message was dead-lettered, if the server said when."""
@@ -163,6 +164,7 @@ class DeadLetterMessage:
             "failed_at": letter.failed_at.isoformat() if letter.failed_at else None,
             "verification": self.verification,
             "invalid_headers": dict(letter.invalid),
+            "format": letter.format,
         }
         if body:
             result["headers"] = dict(self.headers)

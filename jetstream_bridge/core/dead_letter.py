@@ -18,6 +18,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from . import gem_dead_letter
 from .envelope import MSG_ID_HEADER
 from .redaction import Secret
 from .subjects import Subjects, is_reserved, subject_problem
@@ -46,6 +47,11 @@ MAX_DELIVER = "max_deliver"  # the last allowed delivery failed
 VERIFIED = "verified"  # its signature matches the configured key
 UNVERIFIED = "unverified"  # a key is configured and the signature is missing or wrong
 UNVERIFIABLE = "unverifiable"  # no key is configured: nothing can be told
+
+# Which headers a stored letter carries: this bridge's ``Jsb-`` set, or the Ruby gem's
+# ``x-dlq-*`` set (``core/gem_dead_letter.py``); neither is "".
+BRIDGE_FORMAT = "jetstream-bridge"
+GEM_FORMAT = "ruby-gem"
 
 MAX_ERROR_LENGTH = 1000
 # JetStream sequences and delivery counts are unsigned 64-bit numbers.
@@ -199,6 +205,8 @@ class ClaimedLetter:
 
     A number or time that does not parse is ``None`` here and its raw text is in ``invalid``
     (header name -> value as written), so that one forged header cannot break a listing.
+    Letters of the Ruby gem (``x-dlq-*`` headers, no ``Jsb-Reason``) are read by
+    ``core.gem_dead_letter``; ``format`` says which set was read.
     """
 
     reason: str = ""
@@ -212,9 +220,12 @@ class ClaimedLetter:
     failed_at: datetime | None = None
     event_id: str | None = None
     invalid: dict[str, str] = field(default_factory=dict)
+    format: str = ""
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str]) -> ClaimedLetter:
+        if REASON not in headers and gem_dead_letter.is_gem_letter(headers):
+            return cls(format=GEM_FORMAT, **gem_dead_letter.claims(headers))
         raw_seq, raw_deliveries, raw_failed_at = (
             headers.get(name) for name in (STREAM_SEQ, DELIVERIES, FAILED_AT)
         )
@@ -240,6 +251,7 @@ class ClaimedLetter:
             invalid={
                 name: raw for name, raw, value in parsed if raw and raw.strip() and value is None
             },
+            format=BRIDGE_FORMAT if REASON in headers else "",
         )
 
 
@@ -252,7 +264,10 @@ def target_problem(subjects: Subjects, subject: str, allowed: Collection[str] = 
     outside the env's ``{env}.data.sync.`` subjects.
     """
     if not subject:
-        return f"no {ORIGINAL_SUBJECT} header"
+        return (
+            f"no original subject (neither a {ORIGINAL_SUBJECT} header nor an original_subject "
+            f"in {gem_dead_letter.CONTEXT})"
+        )
     problem = subject_problem(subject, allow_wildcards=False)
     if problem:
         return f"original subject {subject!r} {problem}"

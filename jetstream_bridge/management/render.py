@@ -188,6 +188,33 @@ def _verification_line(message: DeadLetterMessage) -> str:
     return "signature    cannot be verified: DLQ_SIGNING_KEY is not set"
 
 
+_WRITERS = {
+    core_dlq.BRIDGE_FORMAT: "jetstream-bridge (Jsb-* headers)",
+    core_dlq.GEM_FORMAT: "a Ruby jetstream_bridge service (x-dlq-* headers)",
+}
+
+
+def _claim_lines(message: DeadLetterMessage) -> list[str]:
+    """What the headers claim, read the same way for both header sets."""
+    letter = message.letter
+    claims = (
+        ("written by", _WRITERS.get(letter.format, "unknown: neither Jsb-* nor x-dlq-* headers")),
+        ("reason", letter.reason),
+        ("subject", letter.original_subject),
+        ("event id", letter.event_id or ""),
+        ("consumer", letter.consumer),
+        ("deliveries", "" if letter.deliveries is None else str(letter.deliveries)),
+    )
+    lines = [f"{name.ljust(12)} {printable(value)}" for name, value in claims if value]
+    # A field inside a header (x-dlq-context.deliveries) has no header line to mark.
+    lines += [
+        f"{'invalid'.ljust(12)} {_invalid_text(name, value)}"
+        for name, value in sorted(letter.invalid.items())
+        if name not in message.headers
+    ]
+    return lines
+
+
 def dead_letter_lines(message: DeadLetterMessage, now: datetime | None = None) -> list[str]:
     """Render one dead letter: where it is, whether it verifies, every header, and the body."""
     age = message.age(now)
@@ -197,6 +224,7 @@ def dead_letter_lines(message: DeadLetterMessage, now: datetime | None = None) -
         f"stored at {message.stored_at.isoformat() if message.stored_at else '?'}"
         + (f" ({format_age(age)} ago)" if age is not None else ""),
         _verification_line(message),
+        *_claim_lines(message),
         "",
         "headers:",
     ]

@@ -142,7 +142,7 @@ def test_claimed_letter__keeps_what_does_not_parse_as_invalid() -> None:
         ("$JS.API.STREAM.DELETE.x", ("$JS.API.STREAM.DELETE.x",), "system subject"),
         ("billing.internal", ("billing.internal",), "outside this bridge's"),
         ("prod.data.sync.*", ("prod.data.sync.*",), "wildcards"),
-        ("", (), "no Jsb-Original-Subject header"),
+        ("", (), "no original subject (neither a Jsb-Original-Subject header"),
     ],
 )
 def test_target_problem__allows_the_inbound_subject_and_named_ones_only(
