@@ -12,6 +12,7 @@ from typing import Any
 
 from .durations import to_nanos
 from .settings import BridgeConfig
+from .stream_plan import creation_metadata
 from .subjects import covers, is_reserved
 
 # JetStream API error codes the bridge branches on.
@@ -19,6 +20,7 @@ ERR_CONSUMER_CANNOT_UPDATE = 10012
 ERR_STREAM_NAME_IN_USE = 10058  # created concurrently with another config
 ERR_SUBJECTS_OVERLAP = 10065
 ERR_CONSUMER_EXISTS = 10148
+ERR_REPLICAS_NOT_SUPPORTED = 10074  # replicas > 1 on a server that is not clustered
 RETRYABLE_STREAM_ERRORS = frozenset({ERR_STREAM_NAME_IN_USE, ERR_SUBJECTS_OVERLAP})
 
 
@@ -84,6 +86,8 @@ def stream_config(config: BridgeConfig, subjects: Sequence[str]) -> dict[str, An
         "discard": "old",
         "duplicate_window": to_nanos(config.duplicate_window),
         "allow_direct": True,
+        # Who enforces which limit, for services sharing the stream (core/stream_plan.py).
+        "metadata": creation_metadata(config),
     }
 
 
