@@ -15,7 +15,7 @@ from typing import Any
 from .broker import Connection, ConsumerInfo, StreamInfo
 from .core.errors import JetStreamApiError, TopologyError
 from .core.settings import BridgeConfig
-from .core.stream_plan import SettingsPlan, fixed_advice, plan_settings
+from .core.stream_plan import SettingsPlan, fixed_advice, limits_problem, plan_settings
 from .core.subjects import covers
 from .core.topology_plan import (
     ERR_CONSUMER_EXISTS,
@@ -88,6 +88,16 @@ class _Plan:
     def changes(self) -> bool:
         return bool(self.subjects.add or self.settings.apply)
 
+    def body(self, config: BridgeConfig) -> dict[str, Any]:
+        """Return the config to create the stream with, or to update it to."""
+        if self.info is None:
+            return stream_config(config, self.subjects.add)
+        # Start from the server's own config so every field the settings do not manage (and
+        # every managed one the user left unset) survives; only subjects and given limits
+        # change.
+        subjects = [*self.info.config.subjects, *self.subjects.add]
+        return self.settings.updated(self.info.config.raw, subjects)
+
 
 async def _plan(conn: Connection, config: BridgeConfig, *, take_over: bool) -> _Plan:
     wanted = desired_subjects(config)
@@ -140,6 +150,9 @@ async def _ensure_stream(
         if attempt == 1:
             _describe(report, plan, stream_exists=info is not None)
             _describe_settings(report, whole.settings)
+            problem = limits_problem(whole.body(config)) if whole.changes else None
+            if problem:
+                report.add("refused", report.stream, problem, change=True)
             for subject, streams in plan.elsewhere.items():
                 logger.warning(
                     "subject %s is captured by stream %s; not adding it to %s",
@@ -187,18 +200,18 @@ async def _ensure_stream(
 
 
 async def _write_stream(conn: Connection, config: BridgeConfig, plan: _Plan) -> None:
-    info, add = plan.info, plan.subjects.add
-    if info is None:
-        await conn.jsm.create_stream(stream_config(config, add))
+    add, body = plan.subjects.add, plan.body(config)
+    problem = limits_problem(body)
+    if problem:
+        raise TopologyError(f"stream {config.stream_name}: {problem}")
+    if plan.info is None:
+        await conn.jsm.create_stream(body)
         logger.info(
             "created stream %s",
             config.stream_name,
             extra={"stream": config.stream_name, "subjects": list(add)},
         )
         return
-    # Start from the server's own config so every field the settings do not manage (and
-    # every managed one the user left unset) survives; only subjects and given limits change.
-    body = plan.settings.updated(info.config.raw, [*info.config.subjects, *add])
     await conn.jsm.update_stream(body)
     logger.info(
         "updated stream %s",

@@ -232,6 +232,18 @@ def fixed_advice(stream: str, difference: Difference) -> str:
     return f"{head}{how} Or leave {setting.key} unset to accept the stream as it is."
 
 
+def limits_problem(body: Mapping[str, Any]) -> str | None:
+    """Say why the server would refuse ``body``: a duplicate window longer than the max age."""
+    max_age, window = int(body.get("max_age") or 0), int(body.get("duplicate_window") or 0)
+    if not max_age or window <= max_age:
+        return None
+    age, dup = (format_duration(n / NANOS_PER_SECOND) for n in (max_age, window))
+    return (
+        f"the server refuses a duplicate window ({dup}) longer than the max age ({age}); set "
+        f"DUPLICATE_WINDOW to at most {age} (and above RELAY_LEASE), or STREAM_MAX_AGE above {dup}"
+    )
+
+
 def retention_warning(stream: str, retention: str, subjects: list[str]) -> str | None:
     """Explain what a stream with interest or workqueue retention does to our subjects."""
     consequence = RETENTION_CONSEQUENCES.get(retention)

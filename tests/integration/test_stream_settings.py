@@ -115,6 +115,27 @@ def test_replicas_above_one_on_a_single_server__check_shows_it_and_ensure_says_w
     assert server_config(jetstream_bridge.stream_name)["num_replicas"] == 1
 
 
+def test_a_max_age_below_the_servers_duplicate_window__says_what_to_set_and_changes_nothing(
+    jetstream_bridge: Any, settings: Any
+) -> None:
+    ensure_topology()  # the server's window: 2m
+    configure(settings, STREAM_MAX_AGE="90s")  # passes E015 against the 1m lease, not the server
+    expected = (
+        "the server refuses a duplicate window (2m) longer than the max age (90s); set "
+        "DUPLICATE_WINDOW to at most 90s"
+    )
+    code, out = ensure_command("--check")
+    assert code == 1
+    assert expected in out
+    with pytest.raises(CommandError, match=r"duplicate window \(2m\) longer than the max age"):
+        ensure_command()
+    assert server_config(jetstream_bridge.stream_name)["max_age"] == 0
+    configure(settings, STREAM_MAX_AGE="90s", DUPLICATE_WINDOW="80s")
+    assert ensure_command()[0] == 0
+    after = server_config(jetstream_bridge.stream_name)
+    assert (after["max_age"], after["duplicate_window"]) == (to_nanos(90), to_nanos(80))
+
+
 @pytest.mark.parametrize(
     ("existing", "key", "value", "diff", "advice"),
     [

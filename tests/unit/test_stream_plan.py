@@ -147,3 +147,13 @@ def test_window_problem__e015_on_the_servers_window() -> None:
 def test_plan__max_age_zero_is_given_and_enforces_no_limit() -> None:
     plan = plan_settings(config(STREAM_MAX_AGE=0), server(max_age=to_nanos(3600)))
     assert [str(d) for d in plan.apply] == ["max_age: 1h -> unlimited"]
+
+
+def test_limits_problem__a_window_longer_than_the_max_age() -> None:
+    from jetstream_bridge.core.stream_plan import limits_problem
+
+    assert limits_problem(server()) is None  # no age limit
+    assert limits_problem(server(max_age=to_nanos(120))) is None
+    problem = limits_problem(server(max_age=to_nanos(60)))
+    assert problem is not None
+    assert "duplicate window (2m) longer than the max age (1m)" in problem
