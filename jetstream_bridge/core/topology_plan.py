@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .durations import to_nanos
+from .durations import NANOS_PER_SECOND, format_duration, to_nanos
 from .settings import BridgeConfig
 from .stream_plan import creation_metadata
 from .subjects import covers, is_reserved
@@ -122,6 +122,15 @@ RECONCILED_FIELDS = (
 )
 
 
+def _show(name: str, value: Any) -> str:
+    """Render a consumer field for the diff: durations as a user writes them (``30s``)."""
+    if name == "ack_wait" and isinstance(value, int):
+        return format_duration(value / NANOS_PER_SECOND)
+    if name == "backoff":
+        return "[" + ", ".join(format_duration(n / NANOS_PER_SECOND) for n in value) + "]"
+    return repr(value)
+
+
 def consumer_differences(desired: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Return ``"field: server -> wanted"`` for each reconciled field that differs."""
     differences = []
@@ -132,7 +141,7 @@ def consumer_differences(desired: Mapping[str, Any], current: Mapping[str, Any])
         if name == "filter_subject" and not have and current.get("filter_subjects"):
             have = current["filter_subjects"]
         if want != have:
-            differences.append(f"{name}: {have!r} -> {want!r}")
+            differences.append(f"{name}: {_show(name, have)} -> {_show(name, want)}")
     if current.get("deliver_subject"):
         differences.append("deliver_subject: push consumer -> pull consumer")
     return differences

@@ -358,3 +358,21 @@ def test_relay_start_warns_about_an_interest_stream(
         relay.run()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(w.startswith("relay: stream ") and "interest retention" in w for w in warnings)
+
+
+def test_check_shows_consumer_differences_in_human_units(jetstream_bridge: Any) -> None:
+    config = jetstream_bridge
+    ensure_topology()
+    stale = {
+        "durable_name": "alpha-events",
+        "ack_policy": "explicit",
+        "filter_subject": config.subjects.subscribe,
+        "ack_wait": to_nanos(5),
+        "max_deliver": 5,
+        "backoff": [to_nanos(5), to_nanos(60)],
+    }
+    nats(lambda c: c.jsm.create_consumer(config.stream_name, stale))
+    code, out = ensure_command("--check", "--durable", "alpha-events")
+    assert code == 1
+    assert "ack_wait: 5s -> 30s" in out
+    assert "backoff: [5s, 1m] -> []" in out

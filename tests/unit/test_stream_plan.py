@@ -157,3 +157,8 @@ def test_limits_problem__a_window_longer_than_the_max_age() -> None:
     problem = limits_problem(server(max_age=to_nanos(60)))
     assert problem is not None
     assert "duplicate window (2m) longer than the max age (1m)" in problem
+
+
+def test_plan__max_bytes_zero_is_given_and_enforces_no_limit() -> None:
+    plan = plan_settings(config(STREAM_MAX_BYTES=0), server(max_bytes=10_000_000))
+    assert [str(d) for d in plan.apply] == ["max_bytes: 9.5 MiB -> unlimited"]
