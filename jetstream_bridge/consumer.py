@@ -116,11 +116,13 @@ class Consumer:
         """Async twin of ``run`` (signals are the caller's business; set ``stop`` to end)."""
         self._discover_handlers()
         runtime = get_runtime()
-        await self._ensure(runtime)
+        warnings = await self._ensure(runtime)
         logger.info(
             "consumer started",
             extra={"durable": self.durable, "stream": self.stream, "batch_size": self.batch_size},
         )
+        for warning in warnings:  # foreign retention, a short duplicate window (stream_audit)
+            logger.warning("consumer: %s", warning, extra={"durable": self.durable})
         failures = 0
         idle_since: float | None = None
         while not self.stop.is_set() and not self._limit_reached():
@@ -183,7 +185,7 @@ class Consumer:
             limit = max(1, min(limit, self.max_messages - self.stats.handled))
         return await conn.fetch(self.stream, self.durable, limit, timeout=self.idle_timeout)
 
-    async def _ensure(self, runtime: Any) -> None:
+    async def _ensure(self, runtime: Any) -> list[str]:
         report = await runtime.run(
             lambda conn: ensure_topology_async(conn, self.config, durable=self.durable)
         )
@@ -192,6 +194,7 @@ class Consumer:
         if info:
             # The server may replace ack_wait (with backoff[0]); keep messages alive within it.
             self._keepalive_every = max(0.2, (info.config.ack_wait or 0.0) / 3)
+        return list(report.warnings)
 
     async def _ensure_quietly(self, runtime: Any) -> None:
         try:

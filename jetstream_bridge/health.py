@@ -8,7 +8,10 @@ URLs are redacted and error texts are scrubbed of credentials.
 
 What makes a bridge unhealthy: JetStream unavailable, a subject the bridge uses that no stream
 stores, a named durable that does not exist, an outbox table that cannot be read, and the
-optional thresholds (consumer lag, age of the oldest unsent outbox row, DLQ depth).
+optional thresholds (consumer lag, age of the oldest unsent outbox row, DLQ depth). What the
+streams do that settings cannot fix (interest or workqueue retention on our subjects, a
+duplicate window not longer than ``RELAY_LEASE``) is listed in ``warnings`` without changing
+the status: a Ruby service's stream should not fail every readiness probe.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from .dlq import Depth as DlqDepth
 from .dlq import depth_async as dlq_depth_async
 from .models import OutboxStatus
 from .runtime import get_runtime
+from .stream_audit import audit_streams_async
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +106,7 @@ class HealthReport:
     problems: tuple[str, ...]
     servers: tuple[str, ...]
     connected: bool
+    warnings: tuple[str, ...] = ()
     server_version: str = ""
     server_name: str = ""
     jetstream: bool = False
@@ -125,6 +130,7 @@ class HealthReport:
         data = asdict(replace(self, error=None))  # asdict would deep-copy the exception
         del data["error"]
         data["problems"] = list(self.problems)
+        data["warnings"] = list(self.warnings)
         data["servers"] = list(self.servers)
         if self.stream is not None:
             data["stream"]["subjects"] = list(self.stream.subjects)
@@ -155,6 +161,7 @@ class _Facts:
     consumers: list[ConsumerLag] = field(default_factory=list)
     dlq: DlqDepth | None = None
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     unreachable: BaseException | None = None
     error: BaseException | None = None
 
@@ -193,6 +200,7 @@ async def _probe(
         return
     facts.jetstream = True
     await _probe_stream(conn, config, facts)
+    facts.warnings = [finding.message for finding in await audit_streams_async(conn, config)]
     consumer_stream = facts.subjects.get(config.subjects.subscribe)
     if consumer_stream is None:
         _no_consumer_stream(config, durables, facts)
@@ -353,6 +361,7 @@ def _assess(
     report = HealthReport(
         status=status,
         problems=tuple(scrub(problem) for problem in problems),
+        warnings=tuple(scrub(warning) for warning in facts.warnings),
         servers=config.redacted_urls,
         connected=facts.connected and facts.unreachable is None,
         server_version=facts.server_version,

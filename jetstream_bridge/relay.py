@@ -36,6 +36,7 @@ from .core.settings import BridgeConfig
 from .outbox import ClaimedRow, OutboxStore, Outcome
 from .runtime import get_runtime
 from .sql import postgresql
+from .stream_audit import warn_at_start
 
 logger = logging.getLogger(__name__)
 
@@ -314,6 +315,7 @@ class Relay:
             return self.stats
         waker = self._waker()
         logger.info("relay started", extra={"wake": waker.kind, "batch_size": self.batch_size})
+        warn_at_start(self.config, "relay")
         try:
             while not self.stop.is_set():
                 try:

@@ -15,9 +15,11 @@ from typing import Any
 from .broker import Connection, ConsumerInfo, StreamInfo
 from .core.errors import JetStreamApiError, TopologyError
 from .core.settings import BridgeConfig
+from .core.stream_plan import SettingsPlan, fixed_advice, limits_problem, plan_settings
 from .core.subjects import covers
 from .core.topology_plan import (
     ERR_CONSUMER_EXISTS,
+    ERR_REPLICAS_NOT_SUPPORTED,
     RETRYABLE_STREAM_ERRORS,
     SubjectPlan,
     consumer_config,
@@ -26,6 +28,7 @@ from .core.topology_plan import (
     plan_subjects,
     stream_config,
 )
+from .stream_audit import audit_streams_async
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +55,13 @@ class TopologyReport:
     actions: list[Action] = field(default_factory=list)
     consumer_stream: str | None = None
     applied: bool = False
+    # What the streams holding our subjects do that the settings cannot fix (foreign
+    # retention, a duplicate window too short for the relay lease); see ``stream_audit``.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def in_sync(self) -> bool:
-        return not any(action.change for action in self.actions)
+        return not self.warnings and not any(action.change for action in self.actions)
 
     def add(self, kind: str, target: str, detail: str, *, change: bool) -> None:
         self.actions.append(Action(kind, target, detail, change))
@@ -72,12 +78,46 @@ async def _colliding_streams(
     return result
 
 
-async def _plan(conn: Connection, config: BridgeConfig) -> tuple[StreamInfo | None, SubjectPlan]:
+@dataclass(frozen=True)
+class _Plan:
+    info: StreamInfo | None
+    subjects: SubjectPlan
+    settings: SettingsPlan
+
+    @property
+    def changes(self) -> bool:
+        return bool(self.subjects.add or self.settings.apply)
+
+    def body(self, config: BridgeConfig) -> dict[str, Any]:
+        """Return the config to create the stream with, or to update it to."""
+        if self.info is None:
+            return stream_config(config, self.subjects.add)
+        # Start from the server's own config so every field the settings do not manage (and
+        # every managed one the user left unset) survives; only subjects and given limits
+        # change.
+        subjects = [*self.info.config.subjects, *self.subjects.add]
+        return self.settings.updated(self.info.config.raw, subjects)
+
+
+async def _plan(conn: Connection, config: BridgeConfig, *, take_over: bool) -> _Plan:
     wanted = desired_subjects(config)
     info = await conn.jsm.stream_info(config.stream_name)
     own = list(info.config.subjects) if info else []
     collisions = await _colliding_streams(conn, wanted, config.stream_name)
-    return info, plan_subjects(wanted, own, collisions)
+    settings = plan_settings(config, info.config.raw, take_over=take_over) if info else None
+    return _Plan(info, plan_subjects(wanted, own, collisions), settings or SettingsPlan())
+
+
+def _describe_settings(report: TopologyReport, plan: SettingsPlan) -> None:
+    for difference in plan.apply:
+        report.add("update-stream", report.stream, str(difference), change=True)
+    for conflict in plan.conflicts:
+        report.add("conflict", report.stream, str(conflict), change=True)
+        logger.warning("stream %s: %s", report.stream, conflict, extra={"stream": report.stream})
+    for difference in plan.fixed:
+        advice = fixed_advice(report.stream, difference)
+        report.add("cannot-change", report.stream, advice, change=True)
+        logger.warning("stream %s: %s", report.stream, advice, extra={"stream": report.stream})
 
 
 def _describe(report: TopologyReport, plan: SubjectPlan, *, stream_exists: bool) -> None:
@@ -97,12 +137,22 @@ def _describe(report: TopologyReport, plan: SubjectPlan, *, stream_exists: bool)
 
 
 async def _ensure_stream(
-    conn: Connection, config: BridgeConfig, report: TopologyReport, *, dry_run: bool
+    conn: Connection,
+    config: BridgeConfig,
+    report: TopologyReport,
+    *,
+    dry_run: bool,
+    take_over: bool = False,
 ) -> SubjectPlan:
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        info, plan = await _plan(conn, config)
+        whole = await _plan(conn, config, take_over=take_over)
+        info, plan = whole.info, whole.subjects
         if attempt == 1:
             _describe(report, plan, stream_exists=info is not None)
+            _describe_settings(report, whole.settings)
+            problem = limits_problem(whole.body(config)) if whole.changes else None
+            if problem:
+                report.add("refused", report.stream, problem, change=True)
             for subject, streams in plan.elsewhere.items():
                 logger.warning(
                     "subject %s is captured by stream %s; not adding it to %s",
@@ -115,27 +165,17 @@ async def _ensure_stream(
                         "stream": config.stream_name,
                     },
                 )
-        if dry_run or not plan.add:
+        if dry_run or not whole.changes:
             return plan
         try:
-            if info is None:
-                await conn.jsm.create_stream(stream_config(config, plan.add))
-                logger.info(
-                    "created stream %s",
-                    config.stream_name,
-                    extra={"stream": config.stream_name, "subjects": list(plan.add)},
-                )
-            else:
-                # Start from the server's own config so replicas, limits, retention and the
-                # duplicate window survive; only the subject list changes.
-                subjects = [*info.config.subjects, *plan.add]
-                await conn.jsm.update_stream(info.config.with_subjects(subjects))
-                logger.info(
-                    "added subjects to stream %s",
-                    config.stream_name,
-                    extra={"stream": config.stream_name, "subjects": list(plan.add)},
-                )
+            await _write_stream(conn, config, whole)
         except JetStreamApiError as exc:
+            if exc.err_code == ERR_REPLICAS_NOT_SUPPORTED:
+                raise TopologyError(
+                    f"STREAM_REPLICAS is {config.stream_replicas} but the NATS server is not "
+                    f"clustered ({exc}); set STREAM_REPLICAS to 1, or leave it unset, on a "
+                    "single server"
+                ) from exc
             if exc.err_code not in RETRYABLE_STREAM_ERRORS:
                 raise
             logger.info(
@@ -147,7 +187,7 @@ async def _ensure_stream(
         # Updates are last-writer-wins: another process may have replaced our subject list,
         # so re-read until every subject we need is covered here or owned elsewhere.
         await asyncio.sleep(random.uniform(0.01, 0.05) * attempt)
-    _, plan = await _plan(conn, config)
+    plan = (await _plan(conn, config, take_over=take_over)).subjects
     if plan.add:
         logger.error(
             "stream %s did not converge after %d attempts; missing %s",
@@ -157,6 +197,31 @@ async def _ensure_stream(
             extra={"stream": config.stream_name, "missing": list(plan.add)},
         )
     return plan
+
+
+async def _write_stream(conn: Connection, config: BridgeConfig, plan: _Plan) -> None:
+    add, body = plan.subjects.add, plan.body(config)
+    problem = limits_problem(body)
+    if problem:
+        raise TopologyError(f"stream {config.stream_name}: {problem}")
+    if plan.info is None:
+        await conn.jsm.create_stream(body)
+        logger.info(
+            "created stream %s",
+            config.stream_name,
+            extra={"stream": config.stream_name, "subjects": list(add)},
+        )
+        return
+    await conn.jsm.update_stream(body)
+    logger.info(
+        "updated stream %s",
+        config.stream_name,
+        extra={
+            "stream": config.stream_name,
+            "subjects": list(add),
+            "changes": [str(difference) for difference in plan.settings.apply],
+        },
+    )
 
 
 async def _stream_capturing(conn: Connection, config: BridgeConfig, subject: str) -> str | None:
@@ -266,24 +331,33 @@ async def ensure_topology_async(
     *,
     durable: str | None = None,
     dry_run: bool = False,
+    take_over: bool = False,
 ) -> TopologyReport:
     """Make the stream (and, with ``durable``, the consumer) match the settings.
 
-    With ``dry_run`` nothing is changed and the report says what would be.
+    With ``dry_run`` nothing is changed and the report says what would be. A stream limit
+    another app enforces with another value is reported, not overwritten, unless
+    ``take_over`` (see ``core/stream_plan.py``). ``report.warnings`` lists what the streams
+    holding our subjects do that settings cannot fix (``stream_audit``).
     """
     report = TopologyReport(stream=config.stream_name, applied=not dry_run)
-    await _ensure_stream(conn, config, report, dry_run=dry_run)
+    await _ensure_stream(conn, config, report, dry_run=dry_run, take_over=take_over)
     if durable:
         await _ensure_consumer(conn, config, durable, report, dry_run=dry_run)
+    report.warnings = [finding.message for finding in await audit_streams_async(conn, config)]
     return report
 
 
-def ensure_topology(*, durable: str | None = None, dry_run: bool = False) -> TopologyReport:
+def ensure_topology(
+    *, durable: str | None = None, dry_run: bool = False, take_over: bool = False
+) -> TopologyReport:
     """Sync twin of ``ensure_topology_async`` on the shared connection and current settings."""
     from .conf import get_config
     from .runtime import get_runtime
 
     config = get_config()
     return get_runtime().call(
-        lambda conn: ensure_topology_async(conn, config, durable=durable, dry_run=dry_run)
+        lambda conn: ensure_topology_async(
+            conn, config, durable=durable, dry_run=dry_run, take_over=take_over
+        )
     )

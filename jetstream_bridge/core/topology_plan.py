@@ -10,8 +10,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .durations import to_nanos
+from .durations import NANOS_PER_SECOND, format_duration, to_nanos
 from .settings import BridgeConfig
+from .stream_plan import creation_metadata
 from .subjects import covers, is_reserved
 
 # JetStream API error codes the bridge branches on.
@@ -19,6 +20,7 @@ ERR_CONSUMER_CANNOT_UPDATE = 10012
 ERR_STREAM_NAME_IN_USE = 10058  # created concurrently with another config
 ERR_SUBJECTS_OVERLAP = 10065
 ERR_CONSUMER_EXISTS = 10148
+ERR_REPLICAS_NOT_SUPPORTED = 10074  # replicas > 1 on a server that is not clustered
 RETRYABLE_STREAM_ERRORS = frozenset({ERR_STREAM_NAME_IN_USE, ERR_SUBJECTS_OVERLAP})
 
 
@@ -84,6 +86,8 @@ def stream_config(config: BridgeConfig, subjects: Sequence[str]) -> dict[str, An
         "discard": "old",
         "duplicate_window": to_nanos(config.duplicate_window),
         "allow_direct": True,
+        # Who enforces which limit, for services sharing the stream (core/stream_plan.py).
+        "metadata": creation_metadata(config),
     }
 
 
@@ -118,6 +122,15 @@ RECONCILED_FIELDS = (
 )
 
 
+def _show(name: str, value: Any) -> str:
+    """Render a consumer field for the diff: durations as a user writes them (``30s``)."""
+    if name == "ack_wait" and isinstance(value, int):
+        return format_duration(value / NANOS_PER_SECOND)
+    if name == "backoff":
+        return "[" + ", ".join(format_duration(n / NANOS_PER_SECOND) for n in value) + "]"
+    return repr(value)
+
+
 def consumer_differences(desired: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Return ``"field: server -> wanted"`` for each reconciled field that differs."""
     differences = []
@@ -128,7 +141,7 @@ def consumer_differences(desired: Mapping[str, Any], current: Mapping[str, Any])
         if name == "filter_subject" and not have and current.get("filter_subjects"):
             have = current["filter_subjects"]
         if want != have:
-            differences.append(f"{name}: {have!r} -> {want!r}")
+            differences.append(f"{name}: {_show(name, have)} -> {_show(name, want)}")
     if current.get("deliver_subject"):
         differences.append("deliver_subject: push consumer -> pull consumer")
     return differences

@@ -39,6 +39,9 @@ def health_lines(report: HealthReport) -> list[str]:
     if report.problems:
         lines.append("problems")
         lines += [f"  - {problem}" for problem in report.problems]
+    if report.warnings:
+        lines.append("warnings")
+        lines += [f"  - {warning}" for warning in report.warnings]
     return lines
 
 

@@ -21,7 +21,7 @@ from .problems import NOT_A_DICT, Problem
 from .schema import KNOWN_KEYS, in_key_order, parse_settings, unknown_keys
 from .validators import VALIDATORS
 
-__all__ = ["BridgeConfig", "describe_keys", "parse_config"]
+__all__ = ["BridgeConfig", "describe_keys", "explicit_keys", "parse_config"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,9 @@ class BridgeConfig:
     outbox_ordering: bool = False
     outbox_fast_path: bool = True
     handler_savepoints: str = "on_failure"
+    # The keys the user gave (in JETSTREAM_BRIDGE or through their environment variable), as
+    # opposed to defaults: a stream limit left unset is not enforced on an existing stream.
+    explicit: frozenset[str] = frozenset()
 
     @property
     def subjects(self) -> Subjects:
@@ -110,7 +113,12 @@ def parse_config(raw: object) -> tuple[BridgeConfig | None, list[Problem]]:
     problems = unknown_keys(raw) + in_key_order(problems)
     if any(problem.is_error for problem in problems):
         return None, problems
-    return BridgeConfig(**values), problems
+    return BridgeConfig(**values, explicit=explicit_keys(raw)), problems
+
+
+def explicit_keys(raw: Mapping[str, object]) -> frozenset[str]:
+    """Return the known keys ``raw`` gives a value (``None`` and ``""`` mean the default)."""
+    return frozenset(key for key in KNOWN_KEYS if raw.get(key) not in (None, ""))
 
 
 def describe_keys() -> list[tuple[str, str]]:

@@ -254,12 +254,15 @@ SETTINGS: tuple[Setting, ...] = (
         kind=Duration(),
         default=None,
         doc="discard messages older than this (None keeps them)",
+        details="like every stream limit, applied to an existing stream only when set "
+        "(`0` enforces no limit; see Stream ownership)",
     ),
     Setting(
         key="STREAM_MAX_BYTES",
-        kind=Integer(minimum=1),
+        kind=Integer(minimum=0),
         default=None,
         doc="stream size limit in bytes (None is unlimited)",
+        details="`0` enforces no limit on an existing stream",
     ),
     Setting(
         key="DUPLICATE_WINDOW",

@@ -20,13 +20,21 @@ class Command(BridgeCommand):
         parser.add_argument(
             "--check",
             action="store_true",
-            help="change nothing; exit 1 if the server differs, 0 if in sync, "
-            "2 if NATS is unreachable",
+            help="change nothing; exit 1 if the server differs (subjects, stream limits, "
+            "consumer, or a warning below), 0 if in sync, 2 if NATS is unreachable",
+        )
+        parser.add_argument(
+            "--take-over",
+            action="store_true",
+            help="apply the stream limits this app sets even where another app enforces "
+            "another value (recorded in the stream's metadata); this app becomes their owner",
         )
 
     def run(self, **options: Any) -> None:
         dry_run = options["dry_run"] or options["check"]
-        report = ensure_topology(durable=options["durable"], dry_run=dry_run)
+        report = ensure_topology(
+            durable=options["durable"], dry_run=dry_run, take_over=options["take_over"]
+        )
         mode = "plan (nothing changed)" if dry_run else "applied"
         self.stdout.write(f"stream {report.stream}: {mode}")
         for action in report.actions:
@@ -34,6 +42,8 @@ class Command(BridgeCommand):
             self.stdout.write("  " + style(str(action)))
         if report.consumer_stream:
             self.stdout.write(f"consumer bound to stream {report.consumer_stream}")
+        for warning in report.warnings:
+            self.stdout.write(self.style.WARNING(f"warning: {warning}"))
         if options["check"]:
             self.stdout.write("in sync" if report.in_sync else "differs from the settings")
             if not report.in_sync:
