@@ -42,6 +42,10 @@ logger = logging.getLogger("jetstream_bridge.admin")
 TEMPLATES = "admin/jetstream_bridge/"
 
 
+def _query(encoded: str) -> str:
+    return f"?{encoded}" if encoded else ""
+
+
 class DeadLetterAdmin(_ModelAdmin):
     """Triage of the dead letters on ``DLQ_SUBJECT``: the admin's views over ``dlq``."""
 
@@ -128,9 +132,9 @@ class DeadLetterAdmin(_ModelAdmin):
                 context.update(
                     depth=page.depth,
                     rows=rows(page.messages),
-                    here=f"{self._url('changelist')}?{form.query(after=after or None)}",
-                    next_url=f"?{form.query(after=page.next_after)}" if page.next_after else None,
-                    first_url=f"?{form.query()}" if after else None,
+                    here=self._url("changelist") + _query(form.query(after=after or None)),
+                    next_url=_query(form.query(after=page.next_after)) if page.next_after else None,
+                    first_url=_query(form.query()) or "?" if after else None,
                     filtered=not form.selection().everything,
                 )
         return TemplateResponse(request, TEMPLATES + "dead_letters.html", context)
