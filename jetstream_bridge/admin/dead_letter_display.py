@@ -22,7 +22,7 @@ from django.utils.text import Truncator
 from .. import dlq
 from ..core import dead_letter as core_dlq
 from ..core.durations import format_age, parse_duration
-from ..core.errors import NatsError
+from ..core.errors import AuthenticationFailed, NatsError, NatsUnavailable
 from ..core.redaction import scrub
 from ..exceptions import ConfigurationError
 from ..management.render import printable
@@ -53,7 +53,7 @@ VERIFICATION = {
 class DurationField(forms.CharField):
     """A duration as in the settings (``90s``, ``15m``, ``1h``, ``7d``), cleaned to seconds."""
 
-    def clean(self, value: Any) -> float | None:  # type: ignore[override]
+    def clean(self, value: Any) -> float | None:
         text = super().clean(value)
         if not text:
             return None
@@ -225,8 +225,10 @@ def call_nats(job: Callable[[], T]) -> tuple[T | None, str | None]:
         return job(), None
     except ConfigurationError:
         return None, "JETSTREAM_BRIDGE settings are invalid; run manage.py check."
-    except NatsError as exc:
+    except (NatsUnavailable, AuthenticationFailed) as exc:
         return None, f"NATS is unreachable: {type(exc).__name__}: {scrub(str(exc))}"
+    except NatsError as exc:
+        return None, f"NATS refused the request: {type(exc).__name__}: {scrub(str(exc))}"
     except concurrent.futures.TimeoutError:
         return None, "NATS did not answer in time."
     except Exception as exc:

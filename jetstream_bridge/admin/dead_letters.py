@@ -29,6 +29,7 @@ from django.urls import URLPattern, path, reverse
 from django.utils.http import url_has_allowed_host_and_scheme
 
 from .. import dlq, dlq_pages
+from ..core import dead_letter as core_dlq
 from ..models import DeadLetter
 from .dead_letter_display import FilterForm, call_nats, detail, parse_seqs, rows
 
@@ -143,7 +144,10 @@ class DeadLetterAdmin(_ModelAdmin):
         """One dead letter: what its headers claim, every header, and the body."""
         self._check(request, "view")
         context = self._context(request, f"Dead letter {seq}")
-        message, error = call_nats(lambda: dlq.get_dead_letter(seq))
+        if seq > core_dlq.MAX_COUNT:  # no stream holds it; the server would only complain
+            message, error = None, None
+        else:
+            message, error = call_nats(lambda: dlq.get_dead_letter(seq))
         context.update(error=error, seq=seq, back=self._safe_next(request, "next"))
         status = 200
         if message is not None:

@@ -195,6 +195,7 @@ def test_dead_letters__detail_shows_every_header_and_the_indented_body(
     assert "JSON, indented" in page
     assert f'<input type="hidden" name="next" value="{DEAD_LETTERS}?reason=x">' in page
 
+    assert admin_client.get(f"{DEAD_LETTERS}{2**64}/").status_code == 404
     missing = admin_client.get(f"{DEAD_LETTERS}999999/")
     assert missing.status_code == 404
     assert 'id="jsb-dlq-missing"' in missing.content.decode()
