@@ -50,6 +50,14 @@ VERIFICATION = {
 }
 
 
+# Whose headers a letter carries (``ClaimedLetter.format``) -> how the pages say it.
+WRITTEN_BY = {
+    core_dlq.BRIDGE_FORMAT: "jetstream-bridge (Jsb- headers)",
+    core_dlq.GEM_FORMAT: "the Ruby gem (x-dlq-* headers)",
+    "": "unknown: neither dead-letter header set",
+}
+
+
 class DurationField(forms.CharField):
     """A duration as in the settings (``90s``, ``15m``, ``1h``, ``7d``), cleaned to seconds."""
 
@@ -145,6 +153,7 @@ class Row:
     error: str
     verification: dict[str, str]
     invalid: bool
+    gem: bool
 
     @classmethod
     def of(cls, message: dlq.DeadLetterMessage, now: datetime) -> Row:
@@ -162,6 +171,7 @@ class Row:
             error=Truncator(printable(error)).chars(80),
             verification=verification_badge(message),
             invalid=bool(letter.invalid),
+            gem=letter.format == core_dlq.GEM_FORMAT,
         )
 
 
@@ -187,6 +197,7 @@ def detail(message: dlq.DeadLetterMessage) -> dict[str, Any]:
     stored_at, age = _when(message.stored_at, now)
     failed_at = letter.failed_at.isoformat() if letter.failed_at else ""
     fields = [
+        ("Written by", WRITTEN_BY.get(letter.format, letter.format)),
         ("Reason", letter.reason),
         ("Error", f"{letter.error_class}: {letter.error_message}".strip(": ")),
         ("Original subject", letter.original_subject),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import time
@@ -20,7 +21,7 @@ from jetstream_bridge.consumer import Consumer
 from jetstream_bridge.core import dead_letter as letters
 from jetstream_bridge.topology import ensure_topology
 from tests.admin_data import dead_letter, staff_user
-from tests.helpers import publish_incoming, stream_messages
+from tests.helpers import nats, publish_incoming, stream_messages
 from tests.testapp import handlers
 from tests.testapp.models import Effect
 
@@ -470,3 +471,41 @@ def test_dead_letters__status_page_links_to_them_for_those_who_may_see_them(
     assert "jsb-dead-letters-link" not in page
     assert "manage.py jetstream_dlq list" in page
     assert get_config().subjects.dlq in page
+
+
+def test_dead_letters__a_ruby_gem_letter_is_listed_filtered_and_shown_as_the_gems(
+    admin_client: Client, bridge: Any
+) -> None:
+    context = {
+        "event_id": "7c0e4bd2-0000-4000-8000-000000000001",
+        "reason": "unrecoverable",
+        "error_class": "ActiveRecord::RecordNotFound",
+        "error_message": "Couldn't find Customer with 'id'=42",
+        "deliveries": 1,
+        "original_subject": bridge.subjects.subscribe,
+        "consumer": "rails-workers",
+        "stream": bridge.stream_name,
+    }
+    headers = {
+        "Nats-Msg-Id": "evt-from-rails",
+        "x-dead-letter": "true",
+        "x-dlq-reason": "unrecoverable",
+        "x-deliveries": "1",
+        "x-dlq-context": json.dumps(context),
+    }
+    gem = nats(lambda c: c.publish(bridge.subjects.dlq, b'{"event_id":"evt-from-rails"}', headers))
+    ours, _ = dead_letter(bridge)
+
+    response = admin_client.get(DEAD_LETTERS, {"consumer": "rails-workers"})
+    assert seqs_on_page(response) == [gem.seq]
+    [row] = response.context["rows"]
+    assert (row.reason, row.gem, row.original_subject) == (
+        "unrecoverable",
+        True,
+        bridge.subjects.subscribe,
+    )
+    assert ">Ruby gem</span>" in response.content.decode()
+    assert seqs_on_page(admin_client.get(DEAD_LETTERS, {"reason": "rejected"})) == [ours]
+    detail = admin_client.get(f"{DEAD_LETTERS}{gem.seq}/").content.decode()
+    assert "the Ruby gem (x-dlq-* headers)" in detail
+    assert "Couldn&#x27;t find Customer with &#x27;id&#x27;=42" in detail
