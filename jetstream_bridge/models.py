@@ -192,3 +192,24 @@ def only_fields(model: type[models.Model], values: dict[str, Any]) -> dict[str, 
     """Keep the values the model has columns for (custom models may be minimal)."""
     names = field_names(model)
     return {key: value for key, value in values.items() if key in names}
+
+
+class DeadLetter(models.Model):
+    """No table: the admin's *Dead letters* entry and the permissions of its actions.
+
+    Dead letters live on the DLQ subject of a NATS stream (``jetstream_bridge.dlq``), not in
+    the database; this model only gives the admin an index entry, a content type for its log
+    entries, and permissions to grant.
+    """
+
+    class Meta:
+        managed = False
+        verbose_name = "dead letter"
+        default_permissions = ("view",)
+        permissions = [
+            ("replay_deadletter", "Can replay dead letters"),
+            ("purge_deadletter", "Can purge dead letters"),
+        ]
+
+    def __str__(self) -> str:
+        return f"dead letter {self.pk}"

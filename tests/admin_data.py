@@ -10,7 +10,8 @@ from typing import Any
 from django.contrib.auth.models import Permission, User
 from django.utils import timezone
 
-from jetstream_bridge.core.envelope import MSG_ID_HEADER, build_envelope
+from jetstream_bridge.core import dead_letter as letters
+from jetstream_bridge.core.envelope import MSG_ID_HEADER, build_envelope, encode
 from jetstream_bridge.core.settings import BridgeConfig
 from jetstream_bridge.handlers import registry
 from jetstream_bridge.models import InboxEvent, OutboxEvent
@@ -90,6 +91,47 @@ def inbox_row(
         last_error=last_error if status == "failed" else None,
         processed_at=timezone.now() if status == "processed" else None,
     )
+
+
+def dead_letter(
+    config: BridgeConfig,
+    *,
+    reason: str = letters.REJECTED,
+    consumer: str = "alpha-events",
+    subject: str | None = None,
+    error: tuple[str, str] = ("RejectMessage", "customer 42 does not exist"),
+    payload: dict[str, Any] | None = None,
+    body: bytes | None = None,
+    key: bytes | None = None,
+) -> tuple[int, str]:
+    """Publish a dead letter as the consumer writes it; return its DLQ sequence and event id.
+
+    The body is an envelope from the peer app (or ``body``), dead-lettered from this app's
+    inbound subject (or ``subject``) by ``consumer``; signed when ``key`` is given.
+    """
+    from tests.helpers import nats
+
+    envelope = build_envelope(
+        producer=config.destination_app,
+        resource_type="invoice",
+        event_type="created",
+        payload=payload or {"id": 42, "total": "19.90", "currency": "EUR"},
+    )
+    data = encode(envelope) if body is None else body
+    letter = letters.DeadLetter(
+        reason=reason,
+        error_class=error[0],
+        error_message=error[1],
+        original_subject=subject or config.subjects.subscribe,
+        stream=config.stream_name,
+        stream_seq=7,
+        deliveries=1 if reason != letters.MAX_DELIVER else config.max_deliver,
+        consumer=consumer,
+        event_id=envelope["event_id"],
+    )
+    headers = letter.headers(data, key=key)
+    ack = nats(lambda c: c.publish(config.subjects.dlq, data, headers))
+    return ack.seq, envelope["event_id"]
 
 
 def staff_user(username: str = "viewer", *, perms: tuple[str, ...] = ()) -> User:

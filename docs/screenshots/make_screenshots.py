@@ -1,6 +1,6 @@
-"""Regenerate admin-status.png and admin-outbox.png in this folder.
+"""Regenerate the admin screenshots in this folder (status page, outbox list, dead letters).
 
-Runs the screenshot browser test against a fresh embedded nats-server and a throwaway SQLite
+Runs the screenshot browser tests against a fresh embedded nats-server and a throwaway SQLite
 database; needs Debian's chromium at /usr/bin/chromium and ``pip install -e '.[test]'``::
 
     python docs/screenshots/make_screenshots.py
@@ -27,8 +27,7 @@ def main() -> int:
             "DJANGO_SETTINGS_MODULE": "tests.settings",
         }
         env.pop("DATABASE_URL", None)
-        test = "tests/browser/test_admin_browser.py"
-        command = [sys.executable, "-m", "pytest", test, "-q", "-k", "screenshots"]
+        command = [sys.executable, "-m", "pytest", "tests/browser", "-q", "-k", "screenshots"]
         return subprocess.call(command, cwd=ROOT, env=env)
 
 

@@ -12,6 +12,11 @@ The status page (``<admin>/jetstream_bridge/outboxevent/status/``, linked from b
 lists) shows the stream, consumer lag, DLQ depth and the table backlogs; it needs staff access
 and permission to view outbox events.
 
+*Dead letters* (``<admin>/jetstream_bridge/deadletter/``, ``dead_letters.py``) lists the
+letters on the DLQ stream with filters and a detail page; *Replay*
+(``jetstream_bridge.replay_deadletter``) and *Purge* (``jetstream_bridge.purge_deadletter``)
+each need their permission, and each is recorded with the user who did it.
+
 Only the built-in models are registered. For custom ``OUTBOX_MODEL``/``INBOX_MODEL`` models,
 subclass the admins, list the columns your model has, and add the permissions to its ``Meta``::
 
@@ -31,12 +36,20 @@ from __future__ import annotations
 
 from django.contrib import admin
 
-from ..models import InboxEvent, OutboxEvent
+from ..models import DeadLetter, InboxEvent, OutboxEvent
 from .base import EventAdmin, status_badge_html
+from .dead_letters import DeadLetterAdmin
 from .inbox import InboxEventAdmin
 from .outbox import OutboxEventAdmin
 
 admin.site.register(OutboxEvent, OutboxEventAdmin)
 admin.site.register(InboxEvent, InboxEventAdmin)
+admin.site.register(DeadLetter, DeadLetterAdmin)
 
-__all__ = ["EventAdmin", "InboxEventAdmin", "OutboxEventAdmin", "status_badge_html"]
+__all__ = [
+    "DeadLetterAdmin",
+    "EventAdmin",
+    "InboxEventAdmin",
+    "OutboxEventAdmin",
+    "status_badge_html",
+]

@@ -27,7 +27,7 @@ from ..core.redaction import scrub
 from ..core.settings import BridgeConfig
 from ..exceptions import ConfigurationError
 from ..inbox import inbox_model
-from ..models import InboxStatus, OutboxStatus
+from ..models import DeadLetter, InboxStatus, OutboxStatus
 from ..outbox import OutboxStore
 from ..relay import Relay
 from ..runtime import get_runtime
@@ -223,8 +223,15 @@ class OutboxEventAdmin(EventAdmin):
             outbox_changelist=self._changelist_url(apps.get_model(config.outbox_model)),
             inbox_changelist=self._changelist_url(inbox),
             glance=glance(report, inbox_counts or {}),
+            dead_letters_url=self._dead_letters_url(request),
         )
         return TemplateResponse(request, template, context)
+
+    def _dead_letters_url(self, request: HttpRequest) -> str | None:
+        """The *Dead letters* page, for users who may see it."""
+        if not request.user.has_perm(f"{self.opts.app_label}.view_deadletter"):
+            return None
+        return self._changelist_url(DeadLetter)
 
     def _changelist_url(self, model: type[models.Model]) -> str | None:
         if not self.admin_site.is_registered(model):

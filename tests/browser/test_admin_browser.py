@@ -1,58 +1,41 @@
 """The admin in a real browser: Debian's chromium, driven by Playwright, against a live server.
 
 Needs ``/usr/bin/chromium`` (``apt-get install chromium``); Playwright never downloads a
-browser here. Set ``JSB_SCREENSHOT_DIR`` to keep the screenshots the last test takes
-(``docs/screenshots/make_screenshots.py`` does).
+browser here (``conftest.py`` starts it). Set ``JSB_SCREENSHOT_DIR`` to keep the screenshots the
+last test takes (``docs/screenshots/make_screenshots.py`` does).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import connections
 
 from jetstream_bridge.broker import Connection
 from jetstream_bridge.models import InboxEvent, OutboxEvent
 from jetstream_bridge.topology import ensure_topology
 from tests.admin_data import (
-    PASSWORD,
     inbox_row,
     invoice_handlers,
     outbox_row,
     staff_user,
     superuser,
 )
+from tests.browser.conftest import CHROMIUM, NO_CHROMIUM, log_in
 from tests.helpers import nats, publish_incoming, stream_msg_ids
 from tests.testapp.models import Effect
 
-CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
-    pytest.skip(
-        f"{CHROMIUM} is absent; install Debian's chromium (apt-get install chromium) to run the "
-        "admin browser tests",
-        allow_module_level=True,
-    )
+    pytest.skip(NO_CHROMIUM, allow_module_level=True)
 
-from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import Page, expect
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 OUTBOX = "/admin/jetstream_bridge/outboxevent/"
 INBOX = "/admin/jetstream_bridge/inboxevent/"
 STATUS = "/admin/jetstream_bridge/outboxevent/status/"
@@ -60,40 +43,8 @@ DURABLE = "alpha-events"
 
 
 @pytest.fixture
-def page(live_server: Any) -> Iterator[Page]:
-    """A fresh chromium per test, closed before the database and event-loop fixtures end."""
-    # Playwright's sync API keeps an event loop running in this thread, which makes Django
-    # refuse the test's own (synchronous, deliberate) ORM calls while the browser is open.
-    with pytest.MonkeyPatch.context() as patch, sync_playwright() as playwright:
-        patch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        context = browser.new_context(
-            base_url=live_server.url, viewport={"width": 1440, "height": 900}
-        )
-        context.set_default_timeout(20_000)
-        try:
-            yield context.new_page()
-        finally:
-            context.close()
-            browser.close()
-            # While Playwright's loop runs, Django keeps this thread's connections in
-            # per-context storage that the database teardown cannot see: close them here.
-            connections.close_all()
-
-
-@pytest.fixture
 def bridge(jetstream_bridge: Any) -> Any:
     return jetstream_bridge
-
-
-def log_in(page: Page, username: str) -> None:
-    page.goto("/admin/login/?next=/admin/")
-    page.fill("#id_username", username)
-    page.fill("#id_password", PASSWORD)
-    page.click("input[type=submit]")
-    expect(page.locator("#user-tools")).to_contain_text(username)
 
 
 def result_rows(page: Page) -> Any:
