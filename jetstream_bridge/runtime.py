@@ -4,6 +4,11 @@ nats-py clients are bound to the loop they connected on, so sync callers (WSGI v
 shell, management commands, Celery tasks) and async callers on other loops all hop onto this
 loop instead of creating a client per call. The loop thread starts on first use, never at
 import; after ``fork()`` the child starts its own.
+
+When the settings change (``override_settings``, a reload) the runtime is retired, not torn
+down: new work goes to a fresh runtime with the new settings, while the old one finishes the
+jobs already handed to it and closes once it is idle. Closing it under in-flight publishes
+used to fail them (``'NoneType' object has no attribute 'publish'``, ``Event loop is closed``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Job = Callable[[Connection], Awaitable[T]]
 
+DRAIN_TIMEOUT = 30.0  # longest a retired runtime waits for its jobs before closing anyway
+
 
 class Runtime:
     """A daemon thread running an event loop, and the connection that lives on it."""
@@ -35,6 +42,9 @@ class Runtime:
         self._thread: threading.Thread | None = None
         self._connection: Connection | None = None
         self._lock = threading.Lock()
+        self._jobs = threading.Condition()  # guards the two fields below
+        self._in_flight = 0
+        self._closed = False  # retired and closed: jobs go to the current runtime
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -75,8 +85,41 @@ class Runtime:
 
     def submit(self, job: Job[T]) -> concurrent.futures.Future[T]:
         """Schedule ``job(connection)`` on the runtime loop and return a thread-safe future."""
+        with self._jobs:
+            closed = self._closed
+            if not closed:
+                self._in_flight += 1
+        if closed:
+            # The caller held on to a runtime that a settings change retired and closed.
+            return get_runtime().submit(job)
         coro: Coroutine[Any, Any, T] = self._run_job(job)
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        except BaseException:
+            coro.close()
+            self._job_done()
+            raise
+        future.add_done_callback(self._job_done)
+        return future
+
+    def _job_done(self, future: object = None) -> None:
+        with self._jobs:
+            self._in_flight -= 1
+            self._jobs.notify_all()
+
+    def retire(self, drain: float = DRAIN_TIMEOUT) -> None:
+        """Close once the jobs in flight have finished (at most ``drain`` seconds).
+
+        Until then a caller still holding this runtime may hand it more work; afterwards its
+        jobs go to the current runtime.
+        """
+        with self._jobs:
+            if not self._jobs.wait_for(lambda: self._in_flight == 0, drain) and drain:
+                logger.warning(
+                    "closing a retired nats connection with %d job(s) unfinished", self._in_flight
+                )
+            self._closed = True
+        self.close()
 
     async def run(self, job: Job[T]) -> T:
         """Await ``job(connection)`` from any event loop."""
@@ -110,6 +153,13 @@ class Runtime:
             except Exception:
                 logger.debug("closing the nats connection failed", exc_info=True)
         if loop.is_running():
+            # Jobs still running would never finish once the loop stops: cancel them, so
+            # whoever waits on one (the fast path) sees it fail instead of waiting forever.
+            future = asyncio.run_coroutine_threadsafe(_cancel_other_tasks(), loop)
+            try:
+                future.result(timeout)
+            except Exception:
+                logger.debug("cancelling the loop's tasks failed", exc_info=True)
             loop.call_soon_threadsafe(loop.stop)
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -122,9 +172,19 @@ class Runtime:
         _abandoned.append((self._loop, self._connection))
         self._loop = self._thread = self._connection = None
         self._lock = threading.Lock()
+        self._jobs = threading.Condition()
+        self._in_flight, self._closed = 0, True  # whoever still holds it gets the current one
+
+
+async def _cancel_other_tasks() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 _abandoned: list[Any] = []  # keeps inherited objects alive so their finalizers never run
+_retiring: set[Runtime] = set()  # retired runtimes still draining their jobs
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
 
@@ -147,12 +207,36 @@ def reset_runtime() -> None:
     with _runtime_lock:
         runtime, _runtime = _runtime, None
     if runtime is not None:
-        runtime.close()
+        runtime.retire(drain=0)
+
+
+def retire_runtime() -> None:
+    """Hand new work to a fresh runtime; the current one closes when its jobs are done.
+
+    Returns at once: with jobs in flight a background thread waits for them.
+    """
+    global _runtime
+    with _runtime_lock:
+        runtime, _runtime = _runtime, None
+    if runtime is None:
+        return
+    _retiring.add(runtime)
+
+    def drain() -> None:
+        try:
+            runtime.retire()
+        finally:
+            _retiring.discard(runtime)
+
+    threading.Thread(target=drain, name="jetstream-bridge-retire", daemon=True).start()
 
 
 def _after_fork_in_child() -> None:
     global _runtime, _runtime_lock
     _runtime_lock = threading.Lock()
+    for retired in list(_retiring):
+        retired.forget()  # its drain thread does not exist in the child
+    _retiring.clear()
     if _runtime is not None:
         _runtime.forget()
         _runtime = None
