@@ -9,6 +9,8 @@ When the settings change (``override_settings``, a reload) the runtime is retire
 down: new work goes to a fresh runtime with the new settings, while the old one finishes the
 jobs already handed to it and closes once it is idle. Closing it under in-flight publishes
 used to fail them (``'NoneType' object has no attribute 'publish'``, ``Event loop is closed``).
+
+``connect_or_wait`` is how worker commands start while NATS may still be down.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import itertools
 import logging
 import os
 import threading
@@ -23,6 +26,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from .broker import Connection
+from .core.errors import NatsUnavailable
+from .core.retry import reconnect_delays
 from .core.settings import BridgeConfig
 
 logger = logging.getLogger(__name__)
@@ -73,17 +78,20 @@ class Runtime:
     def in_loop_thread(self) -> bool:
         return self._thread is not None and threading.current_thread() is self._thread
 
-    async def connection(self) -> Connection:
-        """Return the connected shared connection; call only on the runtime loop."""
+    async def connection(self, *, fresh: bool = False) -> Connection:
+        """Return the connected shared connection; call only on the runtime loop.
+
+        ``fresh``: try to connect even right after a failed attempt (see ``Connection``).
+        """
         if self._connection is None:
             self._connection = Connection(self._config_provider())
-        await self._connection.connect()
+        await self._connection.connect(now=fresh)
         return self._connection
 
-    async def _run_job(self, job: Job[T]) -> T:
-        return await job(await self.connection())
+    async def _run_job(self, job: Job[T], fresh: bool = False) -> T:
+        return await job(await self.connection(fresh=fresh))
 
-    def submit(self, job: Job[T]) -> concurrent.futures.Future[T]:
+    def submit(self, job: Job[T], *, fresh: bool = False) -> concurrent.futures.Future[T]:
         """Schedule ``job(connection)`` on the runtime loop and return a thread-safe future."""
         with self._jobs:
             closed = self._closed
@@ -91,8 +99,8 @@ class Runtime:
                 self._in_flight += 1
         if closed:
             # The caller held on to a runtime that a settings change retired and closed.
-            return get_runtime().submit(job)
-        coro: Coroutine[Any, Any, T] = self._run_job(job)
+            return get_runtime().submit(job, fresh=fresh)
+        coro: Coroutine[Any, Any, T] = self._run_job(job, fresh)
         try:
             future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         except BaseException:
@@ -106,6 +114,14 @@ class Runtime:
         with self._jobs:
             self._in_flight -= 1
             self._jobs.notify_all()
+
+    def connect(self) -> None:
+        """Connect from sync code: a fresh attempt, even right after a failed one."""
+
+        async def job(connection: Connection) -> None:
+            return None
+
+        self.submit(job, fresh=True).result()
 
     def retire(self, drain: float = DRAIN_TIMEOUT) -> None:
         """Close once the jobs in flight have finished (at most ``drain`` seconds).
@@ -229,6 +245,40 @@ def retire_runtime() -> None:
             _retiring.discard(runtime)
 
     threading.Thread(target=drain, name="jetstream-bridge-retire", daemon=True).start()
+
+
+def connect_or_wait(stop: threading.Event, *, wait: bool = True) -> bool:
+    """Connect the shared connection, waiting for NATS as long as it is unreachable.
+
+    Each failed attempt is logged with the server (credentials hidden) and the pause before
+    the next, which grows from 1 s to 30 s with jitter (``core.retry.reconnect_delays``).
+    Returns ``False`` when ``stop`` is set first (SIGTERM while waiting). Without ``wait`` the
+    first failure is raised; refused credentials are always raised, as waiting cannot fix
+    them.
+    """
+    delays = reconnect_delays()
+    for attempt in itertools.count(1):
+        if stop.is_set():
+            return False
+        try:
+            get_runtime().connect()
+        except NatsUnavailable as exc:
+            if not wait:
+                raise
+            delay = next(delays)
+            logger.warning(
+                "waiting for NATS (attempt %d): %s Next attempt in %.1fs.",
+                attempt,
+                exc,
+                delay,
+                extra={"attempt": attempt, "retry_in": round(delay, 1)},
+            )
+            stop.wait(delay)
+        else:
+            if attempt > 1:
+                logger.info("NATS reachable after %d attempt(s)", attempt)
+            return True
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _after_fork_in_child() -> None:
