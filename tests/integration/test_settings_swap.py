@@ -17,6 +17,7 @@ from django.db import connections, transaction
 from django.test import override_settings
 
 from jetstream_bridge import Publisher
+from jetstream_bridge.broker import Connection
 from jetstream_bridge.core.settings import BridgeConfig
 from jetstream_bridge.fast_path import fast_path
 from jetstream_bridge.models import OutboxEvent, OutboxStatus
@@ -52,6 +53,10 @@ def publish_until(stop: threading.Event, sent: list[str], errors: list[BaseExcep
         connections.close_all()
 
 
+async def request_timeout(conn: Connection) -> float:
+    return conn.config.request_timeout
+
+
 def test_settings_swap__under_a_publishing_loop_loses_and_doubles_nothing(
     bridge: BridgeConfig, settings: Any
 ) -> None:
@@ -71,6 +76,8 @@ def test_settings_swap__under_a_publishing_loop_loses_and_doubles_nothing(
             # Same stream and subjects; a different connection setting each time.
             with override_settings(JETSTREAM_BRIDGE={**base, "REQUEST_TIMEOUT": f"{5 + swap}s"}):
                 runtimes.add(id(get_runtime()))
+                # New work runs on a connection made with the new settings.
+                assert get_runtime().call(request_timeout) == 5 + swap
                 time.sleep(0.05)
             runtimes.add(id(get_runtime()))
             time.sleep(0.05)
