@@ -1,4 +1,9 @@
-"""Django system checks: the settings parser's problems plus model resolution."""
+"""Django system checks: the settings parser's problems plus model resolution.
+
+Problems about the run-time environment (``Check.deploy``: ``DESTINATION_APP`` missing) are a
+deploy check, so ``migrate`` and ``collectstatic`` in an image build pass without it while
+``check --deploy`` and the first use of the bridge still fail on it.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,27 @@ from django.apps import AppConfig, apps
 from django.core.checks import CheckMessage, Error, Warning, register
 
 from .conf import parsed
+from .core.settings import Problem
 from .core.settings.problems import BAD_MODEL, CHECK_ID_PREFIX, MODEL_MISSING_FIELDS
 from .models import INBOX_REQUIRED_FIELDS, OUTBOX_REQUIRED_FIELDS, field_names
+
+
+def _messages(problems: Sequence[Problem]) -> list[CheckMessage]:
+    return [
+        (Error if problem.is_error else Warning)(
+            problem.msg, hint=problem.hint, id=f"{CHECK_ID_PREFIX}.{problem.id}"
+        )
+        for problem in problems
+    ]
+
+
+@register("jetstream_bridge", deploy=True)
+def check_deploy_settings(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """The settings the running service needs but a build step does not (``check --deploy``)."""
+    _, problems = parsed()
+    return _messages([p for p in problems if p.deploy])
 
 
 @register("jetstream_bridge")
@@ -18,10 +42,7 @@ def check_settings(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
     config, problems = parsed()
-    messages: list[CheckMessage] = []
-    for problem in problems:
-        kind = Error if problem.is_error else Warning
-        messages.append(kind(problem.msg, hint=problem.hint, id=f"{CHECK_ID_PREFIX}.{problem.id}"))
+    messages = _messages([p for p in problems if not p.deploy])
     if config is None:
         return messages
     wanted: list[tuple[str, str, tuple[str, ...]]] = []

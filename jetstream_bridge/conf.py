@@ -57,6 +57,7 @@ def reload_config() -> None:
 def _on_setting_changed(*, setting: str, **kwargs: Any) -> None:
     if setting == SETTING_NAME:
         reload_config()
-        from .runtime import reset_runtime
+        from .runtime import retire_runtime
 
-        reset_runtime()
+        # Publishes in flight finish on the old connection; new ones use the new settings.
+        retire_runtime()

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from django.db import close_old_connections
 
 from .broker import PubAck
+from .core.errors import NatsUnavailable
 from .core.settings import BridgeConfig
 from .outbox import OutboxStore, Outcome
 from .runtime import get_runtime
@@ -134,7 +135,11 @@ def _record(batch: list[_Publish]) -> None:
     by_target: dict[tuple[int, str | None], tuple[BridgeConfig, list[Outcome]]] = {}
     for event, using, pk, future in batch:
         _, outcomes = by_target.setdefault((id(event.config), using), (event.config, []))
-        error = future.exception()
+        error: BaseException | None = (
+            NatsUnavailable("the connection closed before the publish finished")
+            if future.cancelled()
+            else future.exception()
+        )
         if error is not None:
             logger.warning(
                 "fast-path publish failed; the relay will retry: %s",

@@ -67,16 +67,17 @@ class Connection:
     def urls_for_humans(self) -> str:
         return ", ".join(self.config.redacted_urls)
 
-    async def connect(self) -> None:
+    async def connect(self, *, now: bool = False) -> None:
         """Connect once; fail within ``CONNECT_TIMEOUT`` with an error naming the server.
 
         After the first success the client reconnects forever on its own: a restarted server
-        or a cluster failover must not need a process restart.
+        or a cluster failover must not need a process restart. Right after a failure, callers
+        get that failure again for a moment without a new attempt; ``now`` always tries.
         """
         async with self._connect_lock:
             if self._nc is not None and not self._nc.is_closed:
                 return
-            if self._failure is not None and time.monotonic() < self._retry_after:
+            if not now and self._failure is not None and time.monotonic() < self._retry_after:
                 # Fail fast while the server is known to be down instead of queueing a full
                 # connect timeout behind every caller.
                 raise type(self._failure)(str(self._failure))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 
@@ -27,3 +28,18 @@ class RetryPolicy:
     def is_last(self, deliveries: int) -> bool:
         """Tell whether delivery number ``deliveries`` is the last one the server will make."""
         return deliveries >= self.max_deliver
+
+
+def reconnect_delays(
+    first: float = 1.0, cap: float = 30.0, *, jitter: Callable[[], float] = random.random
+) -> Iterator[float]:
+    """Yield the waits between attempts to reach a server that is down, endlessly.
+
+    The ceiling doubles from ``first`` up to ``cap``; each wait is drawn between half the
+    ceiling and the ceiling (never below ``first``), so workers started together do not
+    knock on a recovering server in lockstep.
+    """
+    ceiling = first
+    while True:
+        yield max(first, ceiling * (0.5 + jitter() / 2))
+        ceiling = min(cap, ceiling * 2)

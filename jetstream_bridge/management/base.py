@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from argparse import ArgumentTypeError
+import signal
+import threading
+from argparse import ArgumentParser, ArgumentTypeError
 from collections.abc import Sequence
+from types import FrameType
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
@@ -11,6 +14,7 @@ from django.core.management.base import BaseCommand, CommandError
 from ..core.durations import parse_duration
 from ..core.errors import AuthenticationFailed, JetStreamBridgeError, NatsUnavailable
 from ..exceptions import ConfigurationError
+from ..runtime import connect_or_wait
 
 EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE = 0, 1, 2
 
@@ -32,6 +36,36 @@ class BridgeCommand(BaseCommand):
 
     def run(self, **options: Any) -> None:
         raise NotImplementedError
+
+
+class WorkerCommand(BridgeCommand):
+    """A long-running worker: waits for NATS at start-up unless ``--no-wait``."""
+
+    def add_arguments(self, parser: ArgumentParser) -> None:
+        parser.add_argument(
+            "--no-wait",
+            action="store_true",
+            help="exit 2 at once when NATS is unreachable at start-up instead of waiting "
+            "for it (retrying with backoff from 1s to 30s)",
+        )
+
+    def nats_ready(self, stop: threading.Event, options: dict[str, Any]) -> bool:
+        """Connect (waiting unless ``--no-wait``); ``False``: stopped by a signal meanwhile."""
+        stop_on_signals(stop)
+        if connect_or_wait(stop, wait=not options["no_wait"]):
+            return True
+        self.stdout.write("stopped while waiting for NATS")
+        return False
+
+
+def stop_on_signals(stop: threading.Event) -> None:
+    """Make SIGTERM and SIGINT set ``stop`` (a clean exit) instead of interrupting."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 def render_table(rows: Sequence[Sequence[str]]) -> list[str]:

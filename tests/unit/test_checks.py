@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+from django.core import checks
 from django.core.checks import Error, Warning
 from django.test import override_settings
 
@@ -19,17 +20,41 @@ def test_check__missing_destination_is_E003_with_a_hint(monkeypatch: pytest.Monk
     from jetstream_bridge.conf import reload_config
 
     reload_config()
-    assert run_checks() == [
-        Error(
-            "JETSTREAM_BRIDGE['DESTINATION_APP'] is not set; the bridge cannot name its subjects.",
-            hint="Add 'DESTINATION_APP': 'billing' (the APP_NAME of the service you exchange "
-            "events with) to JETSTREAM_BRIDGE, or set DESTINATION_APP=billing in the "
-            "environment.",
-            id="jetstream_bridge.E003",
-        )
-    ]
+    e003 = Error(
+        "JETSTREAM_BRIDGE['DESTINATION_APP'] is not set; the bridge cannot name its subjects.",
+        hint="Add 'DESTINATION_APP': 'billing' (the APP_NAME of the service you exchange "
+        "events with) to JETSTREAM_BRIDGE, or set DESTINATION_APP=billing in the "
+        "environment.",
+        id="jetstream_bridge.E003",
+    )
+    # A deploy check: `check --deploy` reports it, the checks migrate runs do not.
+    assert django_checks(include_deployment_checks=True) == [e003]
+    assert django_checks(include_deployment_checks=False) == []
     with pytest.raises(ConfigurationError, match=r"jetstream_bridge\.E003"):
         get_config()
+
+
+@override_settings(JETSTREAM_BRIDGE={"APP_NAME": "orders", "ENV": "a b"})
+def test_check__other_errors_still_fail_the_checks_migrate_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("DESTINATION_APP", raising=False)
+    from jetstream_bridge.conf import reload_config
+
+    reload_config()
+    assert [m.id for m in django_checks(include_deployment_checks=False)] == [
+        "jetstream_bridge.E004"
+    ]
+    assert [m.id for m in django_checks(include_deployment_checks=True)] == [
+        "jetstream_bridge.E004",
+        "jetstream_bridge.E003",
+    ]
+
+
+def django_checks(*, include_deployment_checks: bool) -> list:
+    return checks.run_checks(
+        tags=["jetstream_bridge"], include_deployment_checks=include_deployment_checks
+    )
 
 
 def test_check__environment_fills_what_the_dict_leaves_out(

@@ -20,6 +20,7 @@ class Problem:
     msg: str
     hint: str
     key: str | None = None
+    deploy: bool = False  # see ``Check.deploy``
 
     @property
     def is_error(self) -> bool:
@@ -28,10 +29,16 @@ class Problem:
 
 @dataclass(frozen=True)
 class Check:
-    """A check id and the short title the README lists it under."""
+    """A check id and the short title the README lists it under.
+
+    A ``deploy`` check is about the run-time environment rather than the code: image builds
+    run ``migrate`` and ``collectstatic`` without it, so Django reports it only under
+    ``check --deploy``; using the bridge still raises ``ConfigurationError`` for it.
+    """
 
     id: str
     title: str
+    deploy: bool = False
 
     @property
     def qualified_id(self) -> str:
@@ -40,12 +47,14 @@ class Check:
 
     def problem(self, key: str | None, msg: str, hint: str) -> Problem:
         """Return a ``Problem`` of this check about the setting ``key``."""
-        return Problem(id=self.id, msg=msg, hint=hint, key=key)
+        return Problem(id=self.id, msg=msg, hint=hint, key=key, deploy=self.deploy)
 
 
 NOT_A_DICT = Check("E001", "not a dict")
 UNKNOWN_KEY = Check("E002", 'unknown key (with "did you mean")')
-MISSING_DESTINATION = Check("E003", "missing `DESTINATION_APP`")
+MISSING_DESTINATION = Check(
+    "E003", "missing `DESTINATION_APP` (under `check --deploy`)", deploy=True
+)
 BAD_TOKEN = Check(
     "E004", "bad subject token (`.`, `*`, `>`, whitespace, control characters, empty)"
 )

@@ -10,17 +10,19 @@ from ...consumer import Consumer
 from ...core.retention import inbox_horizon_warning
 from ...handlers import load_handler
 from ...inbox import InboxStore
-from ..base import BridgeCommand, duration_arg
+from ..base import WorkerCommand, duration_arg
 from ..render import purged_line
 
 
-class Command(BridgeCommand):
+class Command(WorkerCommand):
     help = (
         "Consume events sent to this app with a durable pull consumer. SIGTERM/SIGINT "
-        "finish the batch in hand, settle it and exit 0."
+        "finish the batch in hand, settle it and exit 0. Waits for NATS at start-up "
+        "unless --no-wait."
     )
 
     def add_arguments(self, parser: ArgumentParser) -> None:
+        super().add_arguments(parser)
         parser.add_argument("--durable", required=True, help="durable consumer name")
         parser.add_argument("--batch-size", type=int, default=25, help="messages per fetch")
         parser.add_argument(
@@ -67,6 +69,8 @@ class Command(BridgeCommand):
             max_messages=options["max_messages"],
             stop_when_idle=options["stop_when_idle"],
         )
+        if not self.nats_ready(consumer.stop, options):
+            return
         stats = consumer.run()
         self.stdout.write(
             f"processed {stats.processed}, duplicates {stats.duplicates}, retried "

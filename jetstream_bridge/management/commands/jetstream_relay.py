@@ -1,23 +1,23 @@
 from __future__ import annotations
 
-import signal
 from argparse import ArgumentParser
-from types import FrameType
 from typing import Any
 
 from ...core.durations import parse_duration
 from ...outbox import OutboxStore
 from ...relay import Relay
-from ..base import BridgeCommand
+from ..base import WorkerCommand
 
 
-class Command(BridgeCommand):
+class Command(WorkerCommand):
     help = (
         "Publish outbox rows the fast path did not send. Several relays may run at once; "
-        "SIGTERM finishes the batch in hand and exits."
+        "SIGTERM finishes the batch in hand and exits. Waits for NATS at start-up unless "
+        "--no-wait."
     )
 
     def add_arguments(self, parser: ArgumentParser) -> None:
+        super().add_arguments(parser)
         parser.add_argument("--once", action="store_true", help="drain what is due, then exit")
         parser.add_argument("--batch-size", type=int, help="rows per claim (RELAY_BATCH_SIZE)")
         parser.add_argument(
@@ -53,12 +53,8 @@ class Command(BridgeCommand):
             max_in_flight=options["max_in_flight"],
             workers=options["workers"],
         )
-
-        def stop(signum: int, frame: FrameType | None) -> None:
-            relay.stop.set()
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        if not self.nats_ready(relay.stop, options):
+            return
         stats = relay.run(once=options["once"])
         self.stdout.write(
             f"relayed {stats.sent} event(s), {stats.failed} failed, {stats.rate:.0f}/s"
