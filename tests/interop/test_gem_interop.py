@@ -265,7 +265,8 @@ def test_gem_ensure__converges_with_a_separate_dlq_stream(
     report = ensure_topology(durable=DURABLE)
     # Nothing left to change; what remains is the gem's interest retention, reported.
     assert not any(action.change for action in report.actions), report.actions
-    assert len(report.warnings) == 1 and "interest" in report.warnings[0], report.warnings
+    assert len(report.warnings) == 1, report.warnings
+    assert "interest" in report.warnings[0], report.warnings
     assert peer_run(nats_server, gem, connect_ensure) == "blocked"
     assert stream_answer(dlq_stream)["config"]["subjects"] == [config.subjects.dlq]
 
