@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
+
 from jetstream_bridge.core.settings import BridgeConfig, describe_keys, parse_config
 from jetstream_bridge.core.settings import problems as problems_module
 from jetstream_bridge.core.settings.problems import BAD_MODEL, CHECKS, Check, check_list
@@ -36,8 +38,13 @@ def test_readme__check_id_list_is_the_rendered_registry() -> None:
 
 
 def setting_fields() -> list[dataclasses.Field[object]]:
-    """The config's fields that hold a setting (``explicit`` records which were given)."""
-    return [f for f in dataclasses.fields(BridgeConfig) if f.name != "explicit"]
+    """The config's fields that hold a setting.
+
+    ``explicit`` records which were given; ``destination_app`` is the first of
+    ``destination_apps`` (``DESTINATION_APP``), derived, not a key of its own.
+    """
+    derived = ("explicit", "destination_app")
+    return [f for f in dataclasses.fields(BridgeConfig) if f.name not in derived]
 
 
 def test_schema__declares_exactly_the_config_fields_in_order() -> None:
@@ -49,7 +56,7 @@ def test_schema__parsed_defaults_equal_the_config_defaults() -> None:
     config, problems = parse_config({"DESTINATION_APP": "b"})
     assert config is not None, problems
     for field in setting_fields():
-        if field.default is not dataclasses.MISSING and field.default != "":
+        if field.default is not dataclasses.MISSING and field.default not in ("", ()):
             assert getattr(config, field.name) == field.default, field.name
 
 
@@ -84,3 +91,42 @@ def test_check_ids__each_registered_once_in_id_order() -> None:
     assert sorted(declared, key=lambda check: check.id) == list(CHECKS)
     assert len({check.id for check in CHECKS}) == len(CHECKS)
     assert BAD_MODEL.qualified_id == "jetstream_bridge.E012"
+
+
+@pytest.mark.parametrize(
+    ("written", "peers"),
+    [
+        ("billing", ("billing",)),
+        (["billing", "shipping"], ("billing", "shipping")),
+        ("billing, shipping,notifications", ("billing", "shipping", "notifications")),
+    ],
+)
+def test_destination_app__one_peer_or_several_the_first_the_default(
+    written: object, peers: tuple[str, ...]
+) -> None:
+    config, problems = parse_config({"APP_NAME": "orders", "DESTINATION_APP": written})
+    assert config is not None, problems
+    assert config.destinations == peers
+    assert config.destination_app == peers[0]
+    assert config.subjects.publish == f"development.data.sync.orders.{peers[0]}"
+    assert [s.subscribe for s in config.peer_subjects] == [
+        f"development.data.sync.{peer}.orders" for peer in peers
+    ]
+
+
+@pytest.mark.parametrize(
+    ("written", "check_id", "words"),
+    [
+        (["billing", "billing"], "E004", "listed twice"),
+        (["billing", "ship.ping"], "E004", "'.'"),
+        ([], "E003", "is not set"),
+        (["billing", "orders"], "W001", "consume its own events"),
+    ],
+)
+def test_destination_app__bad_lists_are_reported_with_a_hint(
+    written: object, check_id: str, words: str
+) -> None:
+    _, problems = parse_config({"APP_NAME": "orders", "DESTINATION_APP": written})
+    assert [problem.id for problem in problems] == [check_id]
+    assert words in problems[0].msg
+    assert problems[0].hint

@@ -31,7 +31,10 @@ class BridgeConfig:
     nats_urls: tuple[str, ...]
     env: str
     app_name: str
-    destination_app: str
+    # The default peer (the first of ``destination_apps``); either may be given, the other
+    # follows. ``destination_apps`` lists every peer in the order the settings name them.
+    destination_app: str = ""
+    destination_apps: tuple[str, ...] = ()
     max_deliver: int = 5
     ack_wait: float = 30.0
     backoff: tuple[float, ...] = (1.0, 5.0, 15.0, 30.0, 60.0)
@@ -75,9 +78,35 @@ class BridgeConfig:
     # opposed to defaults: a stream limit left unset is not enforced on an existing stream.
     explicit: frozenset[str] = frozenset()
 
+    def __post_init__(self) -> None:
+        if self.destination_apps and not self.destination_app:
+            object.__setattr__(self, "destination_app", self.destination_apps[0])
+        elif self.destination_app and not self.destination_apps:
+            object.__setattr__(self, "destination_apps", (self.destination_app,))
+        elif self.destination_app and self.destination_app not in self.destination_apps:
+            raise ValueError(
+                f"destination_app {self.destination_app!r} is not one of destination_apps "
+                f"{list(self.destination_apps)!r}"
+            )
+
+    @property
+    def destinations(self) -> tuple[str, ...]:
+        """Every peer this service exchanges events with, the default first."""
+        return self.destination_apps
+
     @property
     def subjects(self) -> Subjects:
-        return Subjects.build(self.env, self.app_name, self.destination_app, self.dlq_subject)
+        """The subjects shared with the default peer (the first destination)."""
+        return self.subjects_for(self.destination_app)
+
+    def subjects_for(self, peer: str) -> Subjects:
+        """The subjects shared with ``peer``: what we publish to it and what it sends us."""
+        return Subjects.build(self.env, self.app_name, peer, self.dlq_subject)
+
+    @property
+    def peer_subjects(self) -> tuple[Subjects, ...]:
+        """``subjects_for`` every destination, in settings order."""
+        return tuple(self.subjects_for(peer) for peer in self.destination_apps)
 
     @property
     def redacted_urls(self) -> tuple[str, ...]:
@@ -86,7 +115,7 @@ class BridgeConfig:
     def __repr__(self) -> str:
         return (
             f"BridgeConfig(nats_urls={list(self.redacted_urls)!r}, env={self.env!r}, "
-            f"app_name={self.app_name!r}, destination_app={self.destination_app!r}, "
+            f"app_name={self.app_name!r}, destination_apps={list(self.destination_apps)!r}, "
             f"stream_name={self.stream_name!r}, max_deliver={self.max_deliver}, "
             f"ack_wait={format_duration(self.ack_wait)!r}, "
             f"backoff={[format_duration(b) for b in self.backoff]!r}, "

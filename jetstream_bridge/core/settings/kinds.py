@@ -77,6 +77,41 @@ class Token(Kind):
         return str(value)
 
 
+class Tokens(Kind):
+    """One or several subject tokens, written as a string, a comma-separated string or a list.
+
+    Parses to a tuple in the order written; duplicates are reported (each peer once).
+    """
+
+    is_list = True
+
+    def parse(self, field: Field, problems: list[Problem]) -> Any:
+        key, value = field.key, field.value
+        if value is None or value == "":
+            return ()
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",")]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        good: list[str] = []
+        for item in value:
+            problem = token_problem(item)
+            if problem is None and item in good:
+                problem = "is listed twice"
+            if problem:
+                problems.append(
+                    BAD_TOKEN.problem(
+                        key,
+                        f"JETSTREAM_BRIDGE[{key!r}] has {item!r}, which {problem}.",
+                        f"Use plain names such as 'billing' or ['billing', 'shipping'] (each "
+                        f"once), or set {key}=billing,shipping in the environment.",
+                    )
+                )
+                continue
+            good.append(str(item))
+        return tuple(good)
+
+
 class Duration(Kind):
     """Seconds as a float, written ``'30s'`` or as a number; ``None`` when the default is."""
 

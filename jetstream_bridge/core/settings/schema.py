@@ -30,6 +30,7 @@ from .kinds import (
     Subject,
     Text,
     Token,
+    Tokens,
     Urls,
 )
 from .problems import UNKNOWN_KEY, Problem
@@ -71,11 +72,13 @@ class Setting:
     details: str = ""
     env: str | None = None
     required: bool = False
+    # The ``BridgeConfig`` field when it is not the key in lower case.
+    field_name: str | None = None
 
     @property
     def field(self) -> str:
         """Return the ``BridgeConfig`` field that holds the parsed value."""
-        return self.key.lower()
+        return self.field_name or self.key.lower()
 
     @property
     def secret(self) -> bool:
@@ -100,8 +103,8 @@ class Setting:
     ) -> Any:
         """Return the parsed value; ``values`` holds the settings parsed before this one."""
         field = self.read(raw, values)
-        if self.required and field.value in (None, ""):
-            return ""
+        if self.required and field.value in (None, "", [], ()):
+            return self.kind.parse(Field(key=self.key, value=None, default=None), problems)
         return self.kind.parse(field, problems)
 
     def render_default(self) -> str:
@@ -143,11 +146,14 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         key="DESTINATION_APP",
-        kind=Token(),
+        kind=Tokens(),
         default=None,
-        doc="the peer service's token (required)",
+        doc="the peer service's token, or a list of peers (required)",
+        details="a list (env: comma separated) makes several peers; the first is the default "
+        "where one is needed",
         env="DESTINATION_APP",
         required=True,
+        field_name="destination_apps",
     ),
     Setting(
         key="MAX_DELIVER",

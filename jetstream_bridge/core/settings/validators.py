@@ -29,7 +29,7 @@ Validator = Callable[[Values, Raw], Iterator[Problem]]
 
 def destination_app_is_set(values: Values, raw: Raw) -> Iterator[Problem]:
     """E003: without DESTINATION_APP the bridge cannot name its subjects."""
-    if raw.get("DESTINATION_APP") in (None, ""):
+    if not values["destination_apps"] and raw.get("DESTINATION_APP") in (None, "", [], ()):
         yield MISSING_DESTINATION.problem(
             "DESTINATION_APP",
             "JETSTREAM_BRIDGE['DESTINATION_APP'] is not set; the bridge cannot name its subjects.",
@@ -40,13 +40,13 @@ def destination_app_is_set(values: Values, raw: Raw) -> Iterator[Problem]:
 
 def app_is_not_its_own_destination(values: Values, raw: Raw) -> Iterator[Problem]:
     """W001: a service whose destination is itself would consume its own events."""
-    app, dest = values["app_name"], values["destination_app"]
-    if app and dest and app == dest:
+    app = values["app_name"]
+    if app and app in values["destination_apps"]:
         yield SAME_APP_AND_DESTINATION.problem(
             "DESTINATION_APP",
-            f"APP_NAME and DESTINATION_APP are both {app!r}; the service would consume "
-            "its own events.",
-            "Give each service its own APP_NAME and point DESTINATION_APP at the other.",
+            f"APP_NAME is {app!r} and DESTINATION_APP names {app!r} too; the service would "
+            "consume its own events.",
+            "Give each service its own APP_NAME and point DESTINATION_APP at its peers.",
         )
 
 
