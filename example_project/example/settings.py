@@ -1,11 +1,12 @@
-"""One settings module for both example services; the environment says which one this is.
+"""One settings module for the three example services; the environment says which one runs.
 
-    APP_NAME=orders DESTINATION_APP=billing python manage.py ...
-    APP_NAME=billing DESTINATION_APP=orders python manage.py ...
+    APP_NAME=orders   DESTINATION_APP=billing,shipping python manage.py ...
+    APP_NAME=billing  DESTINATION_APP=orders           python manage.py ...
+    APP_NAME=shipping DESTINATION_APP=orders           python manage.py ...
 
-Each service gets its own SQLite file (``DATABASE_URL`` overrides it). ``DESTINATION_APP`` is
-deliberately read from the environment only, so ``manage.py check`` without it shows the
-bridge's system check.
+Each service installs only its own app (its models and its ``jetstream_handlers``) and gets its
+own SQLite file (``DATABASE_URL`` overrides it). ``DESTINATION_APP`` is deliberately read from
+the environment only, so ``manage.py check`` without it shows the bridge's system check.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 env = environ.Env()
 BASE_DIR = Path(__file__).resolve().parent.parent
+SERVICES = ("orders", "billing", "shipping")
 SERVICE = env.str("APP_NAME", default="orders")
+if SERVICE not in SERVICES:
+    raise ImproperlyConfigured(f"APP_NAME must be one of {', '.join(SERVICES)}, not {SERVICE!r}")
 DATA_DIR = Path(env.str("DEMO_DATA_DIR", default=str(BASE_DIR / ".data")))
 
 SECRET_KEY = env.str("SECRET_KEY", default="example-only-not-secret")
@@ -34,8 +39,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "jetstream_bridge",
-    "orders",
-    "billing",
+    SERVICE,
 ]
 
 MIDDLEWARE = [

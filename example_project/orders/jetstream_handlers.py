@@ -1,4 +1,4 @@
-"""Orders receives billing's replies: an invoice was created for one of our orders."""
+"""Orders receives the replies of both peers: billing's invoices and shipping's shipments."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ from jetstream_bridge import handler
 from .models import Order
 
 
+# Each runs in the consumer's transaction, together with the inbox row: once per event.
 @handler("invoice", "created")
 def mark_invoiced(event: dict[str, Any], subject: str, deliveries: int) -> None:
-    # Runs in the consumer's transaction, together with the inbox row: once per event.
     Order.objects.filter(number=event["payload"]["order_number"]).update(status="invoiced")
+
+
+@handler("shipment", "created")
+def mark_shipped(event: dict[str, Any], subject: str, deliveries: int) -> None:
+    Order.objects.filter(number=event["payload"]["order_number"]).update(shipped=True)

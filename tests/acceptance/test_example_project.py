@@ -89,9 +89,19 @@ def test_migrations__models_and_migrations_agree(settings_module: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_migrations__example_project_has_none_missing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("service", ["orders", "billing", "shipping"])
+def test_migrations__example_project_has_none_missing(service: str, tmp_path: Path) -> None:
     result = run(
         [sys.executable, "manage.py", "makemigrations", "--check", "--dry-run"],
-        env={"DEMO_DATA_DIR": str(tmp_path), "DESTINATION_APP": "billing"},
+        env={"DEMO_DATA_DIR": str(tmp_path), "APP_NAME": service, "DESTINATION_APP": "peer"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_settings__unknown_service_says_which_ones_exist(tmp_path: Path) -> None:
+    result = run(
+        [sys.executable, "manage.py", "check"],
+        env={"DEMO_DATA_DIR": str(tmp_path), "APP_NAME": "invoicing", "DESTINATION_APP": "orders"},
+    )
+    assert result.returncode != 0
+    assert "APP_NAME must be one of orders, billing, shipping, not 'invoicing'" in result.stderr
