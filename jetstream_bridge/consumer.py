@@ -29,7 +29,7 @@ from .broker import Connection, Delivery
 from .conf import get_config
 from .core import dead_letter
 from .core.envelope import MSG_ID_HEADER
-from .core.errors import ConsumerNotFound, NatsError, PublishFailed
+from .core.errors import ConsumerNotFound, NatsError, PublishFailed, TopologyError
 from .core.settings import BridgeConfig
 from .handlers import Handler, HandlerRegistry, autodiscover, registry
 from .processing import BatchProcessor, Outcome, ReceivedMessage, Verdict
@@ -187,7 +187,9 @@ class Consumer:
 
     async def _ensure(self, runtime: Any) -> list[str]:
         report = await runtime.run(
-            lambda conn: ensure_topology_async(conn, self.config, durable=self.durable)
+            lambda conn: ensure_topology_async(
+                conn, self.config, durable=self.durable, limits=False
+            )
         )
         self.stream = report.consumer_stream or self.config.stream_name
         info = await runtime.run(lambda conn: conn.jsm.consumer_info(self.stream, self.durable))
@@ -199,7 +201,7 @@ class Consumer:
     async def _ensure_quietly(self, runtime: Any) -> None:
         try:
             await self._ensure(runtime)
-        except NatsError as exc:
+        except (NatsError, TopologyError) as exc:
             logger.warning("could not ensure the consumer: %s", exc)
 
     async def _pause(self, failures: int) -> None:

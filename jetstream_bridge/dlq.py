@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,6 +35,7 @@ from .broker import Connection, StoredMessage
 from .conf import get_config
 from .core import dead_letter as core_dlq
 from .core.dead_letter import ReplayPolicy as ReplayPolicy  # re-exported for the commands
+from .core.durations import parse_server_time
 from .core.envelope import MSG_ID_HEADER
 from .core.errors import JetStreamApiError, PublishFailed
 from .core.settings import BridgeConfig
@@ -44,22 +44,6 @@ from .runtime import get_runtime
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-_RFC3339_FRACTION = re.compile(r"\.(\d+)")
-
-
-def _parse_time(value: str) -> datetime | None:
-    """Parse the server's RFC 3339 timestamp (nanoseconds, ``Z``) into an aware datetime."""
-    if not value:
-        return None
-    text = value.replace("Z", "+00:00")
-    # Python 3.10's fromisoformat accepts only 3 or 6 fraction digits; the server sends 9.
-    text = _RFC3339_FRACTION.sub(lambda m: "." + m.group(1)[:6].ljust(6, "0"), text, count=1)
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 def _reject_constant(name: str) -> Any:
@@ -91,7 +75,7 @@ class DeadLetterMessage:
             stream=stream,
             seq=message.seq,
             subject=message.subject,
-            stored_at=_parse_time(message.time),
+            stored_at=parse_server_time(message.time),
             headers=headers,
             data=message.data,
             verification=core_dlq.verification(headers, message.data, key),
