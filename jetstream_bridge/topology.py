@@ -26,6 +26,7 @@ from .core.topology_plan import (
     plan_subjects,
     stream_config,
 )
+from .dlq_stream import ensure_dlq_stream_async
 
 logger = logging.getLogger(__name__)
 
@@ -267,12 +268,14 @@ async def ensure_topology_async(
     durable: str | None = None,
     dry_run: bool = False,
 ) -> TopologyReport:
-    """Make the stream (and, with ``durable``, the consumer) match the settings.
+    """Make the stream, the DLQ's own stream (``dlq_stream``) and, with ``durable``, the
+    consumer match the settings.
 
     With ``dry_run`` nothing is changed and the report says what would be.
     """
     report = TopologyReport(stream=config.stream_name, applied=not dry_run)
     await _ensure_stream(conn, config, report, dry_run=dry_run)
+    await ensure_dlq_stream_async(conn, config, report, dry_run=dry_run)
     if durable:
         await _ensure_consumer(conn, config, durable, report, dry_run=dry_run)
     return report
