@@ -47,13 +47,14 @@ class ConsumerStats:
     duplicates: int = 0
     retried: int = 0
     dead_lettered: int = 0
+    skipped: int = 0  # replays meant for another durable, acked without handling
     batches: int = 0
     redone: int = 0  # batches rolled back after a handler failed and redone with savepoints
     started: float = field(default_factory=time.monotonic)
 
     @property
     def handled(self) -> int:
-        return self.processed + self.duplicates + self.retried + self.dead_lettered
+        return self.processed + self.duplicates + self.retried + self.dead_lettered + self.skipped
 
 
 class Consumer:
@@ -292,7 +293,14 @@ class Consumer:
     async def _settle_one(self, conn: Connection, delivery: Delivery, outcome: Outcome) -> None:
         if outcome.verdict is Verdict.ACK:
             await delivery.ack()
-            if outcome.duplicate:
+            if outcome.skipped:
+                self.stats.skipped += 1
+                metrics.consumed(self.durable, "skipped")
+                logger.info(
+                    "acked a replay meant for another durable without handling it",
+                    extra={"stream_seq": delivery.stream_seq, "durable": self.durable},
+                )
+            elif outcome.duplicate:
                 self.stats.duplicates += 1
                 metrics.consumed(self.durable, "duplicate")
             else:
