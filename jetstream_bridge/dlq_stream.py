@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .broker import Connection
+from .core.dead_letter import nonce
 from .core.durations import to_nanos
 from .core.envelope import MSG_ID_HEADER
 from .core.errors import JetStreamApiError, TopologyError
@@ -247,8 +248,9 @@ async def _copy_and_purge(conn: Connection, config: BridgeConfig, result: MoveRe
                 for name, value in stored.headers.items()
                 if not name.lower().startswith("nats-") or name == MSG_ID_HEADER
             }
-            # A letter without an id (not the bridge's) gets one naming where it came from.
-            headers.setdefault(MSG_ID_HEADER, f"moved:{source}:{stored.seq}")
+            # A letter without an id (not the bridge's) gets a fresh one: a predictable id
+            # could be taken first, and the copy dropped as a duplicate, then purged.
+            headers.setdefault(MSG_ID_HEADER, f"moved:{source}:{stored.seq}:{nonce()}")
             ack = await conn.publish(subject, stored.data, headers)
             if ack.stream != result.target:
                 raise TopologyError(f"{subject} is now captured by {ack.stream}, not the DLQ")

@@ -210,3 +210,13 @@ def test_replay_target__needs_the_replay_id_form() -> None:
         target, why = letters.replay_target(headers, b"{}", None)
         assert target is None
         assert why is not None
+
+
+def test_replay_headers__cannot_be_set_by_a_publisher() -> None:
+    from jetstream_bridge.core.envelope import header_problem
+
+    for name in (letters.REPLAY_FOR, letters.REPLAY_SIGNATURE, "jsb-replay-for"):
+        problem = header_problem(name, "alpha-events")
+        assert problem is not None
+        assert "jetstream_dlq replay" in problem
+    assert header_problem(letters.REPLAY_OF, "3") is None  # informative only
