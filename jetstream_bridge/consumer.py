@@ -47,13 +47,14 @@ class ConsumerStats:
     duplicates: int = 0
     retried: int = 0
     dead_lettered: int = 0
+    skipped: int = 0  # replays meant for another durable, acked without handling
     batches: int = 0
     redone: int = 0  # batches rolled back after a handler failed and redone with savepoints
     started: float = field(default_factory=time.monotonic)
 
     @property
     def handled(self) -> int:
-        return self.processed + self.duplicates + self.retried + self.dead_lettered
+        return self.processed + self.duplicates + self.retried + self.dead_lettered + self.skipped
 
 
 class Consumer:
@@ -297,7 +298,11 @@ class Consumer:
     async def _settle_one(self, conn: Connection, delivery: Delivery, outcome: Outcome) -> None:
         if outcome.verdict is Verdict.ACK:
             await delivery.ack()
-            if outcome.duplicate:
+            if outcome.skipped:
+                self.stats.skipped += 1
+                metrics.consumed(self.durable, "skipped")
+                logger.info("acked a replay for another durable", extra=_seq(delivery))
+            elif outcome.duplicate:
                 self.stats.duplicates += 1
                 metrics.consumed(self.durable, "duplicate")
             else:
@@ -363,3 +368,7 @@ def _fields(message: ReceivedMessage, dead: dead_letter.DeadLetter) -> dict[str,
         "consumer": dead.consumer,
         "event_id": dead.event_id,
     }
+
+
+def _seq(delivery: Delivery) -> dict[str, Any]:
+    return {"stream_seq": delivery.stream_seq}

@@ -35,6 +35,7 @@ from .core.topology_plan import (
     plan_subjects,
     stream_config,
 )
+from .dlq_stream import ensure_dlq_stream_async
 from .stream_audit import audit_streams_async
 
 logger = logging.getLogger(__name__)
@@ -375,7 +376,8 @@ async def ensure_topology_async(  # noqa: PLR0913 - public, keyword-only
     allow_discard: bool = False,
     limits: bool = True,
 ) -> TopologyReport:
-    """Make the stream (and, with ``durable``, the consumer) match the settings.
+    """Make the stream, the DLQ's own stream (``dlq_stream``) and, with ``durable``, the
+    consumer match the settings.
 
     With ``dry_run`` nothing is changed and the report says what would be. A stream limit
     another app enforces with another value is reported, not overwritten, unless
@@ -388,6 +390,7 @@ async def ensure_topology_async(  # noqa: PLR0913 - public, keyword-only
     report = TopologyReport(stream=config.stream_name, applied=not dry_run)
     policy = _Limits(enforce=limits, take_over=take_over, allow_discard=allow_discard)
     await _ensure_stream(conn, config, report, dry_run=dry_run, limits=policy)
+    await ensure_dlq_stream_async(conn, config, report, dry_run=dry_run, limits=limits)
     if durable:
         await _ensure_consumer(conn, config, durable, report, dry_run=dry_run)
     report.warnings = [finding.message for finding in await audit_streams_async(conn, config)]

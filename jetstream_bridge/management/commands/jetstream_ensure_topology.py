@@ -4,6 +4,7 @@ import sys
 from argparse import ArgumentParser
 from typing import Any
 
+from ...dlq_stream import MoveResult, move_dlq
 from ...topology import ensure_topology
 from ..base import EXIT_FAILED, BridgeCommand
 from ..render import printable
@@ -36,9 +37,17 @@ class Command(BridgeCommand):
             help="apply a smaller STREAM_MAX_BYTES or STREAM_MAX_AGE even though the server "
             "then deletes the stored messages beyond it at once (held back otherwise)",
         )
+        parser.add_argument(
+            "--move-dlq",
+            action="store_true",
+            help="move the dead letters from the events' stream to DLQ_STREAM_NAME "
+            "(with --dry-run: print the steps)",
+        )
 
     def run(self, **options: Any) -> None:
         dry_run = options["dry_run"] or options["check"]
+        if options["move_dlq"]:
+            self._show_move(move_dlq(dry_run=dry_run), dry_run=dry_run)
         report = ensure_topology(
             durable=options["durable"],
             dry_run=dry_run,
@@ -59,3 +68,14 @@ class Command(BridgeCommand):
             self.stdout.write("in sync" if report.in_sync else "differs from the settings")
             if not report.in_sync:
                 sys.exit(EXIT_FAILED)
+
+    def _show_move(self, result: MoveResult, *, dry_run: bool) -> None:
+        mode = "plan (nothing changed)" if dry_run else "done"
+        self.stdout.write(f"move dead letters {result.source} -> {result.target}: {mode}")
+        for step in result.steps:
+            self.stdout.write("  " + self.style.WARNING(step))
+        if not dry_run:
+            self.stdout.write(
+                f"  copied {result.copied} dead letter(s), purged {result.purged} from "
+                f"{result.source}"
+            )
