@@ -29,7 +29,7 @@ from .broker import Connection, Delivery
 from .conf import get_config
 from .core import dead_letter
 from .core.envelope import MSG_ID_HEADER
-from .core.errors import ConsumerNotFound, NatsError, PublishFailed
+from .core.errors import ConsumerNotFound, NatsError, PublishFailed, TopologyError
 from .core.settings import BridgeConfig
 from .handlers import Handler, HandlerRegistry, autodiscover, registry
 from .processing import BatchProcessor, Outcome, ReceivedMessage, Verdict
@@ -47,13 +47,14 @@ class ConsumerStats:
     duplicates: int = 0
     retried: int = 0
     dead_lettered: int = 0
+    skipped: int = 0  # replays meant for another durable, acked without handling
     batches: int = 0
     redone: int = 0  # batches rolled back after a handler failed and redone with savepoints
     started: float = field(default_factory=time.monotonic)
 
     @property
     def handled(self) -> int:
-        return self.processed + self.duplicates + self.retried + self.dead_lettered
+        return self.processed + self.duplicates + self.retried + self.dead_lettered + self.skipped
 
 
 class Consumer:
@@ -187,7 +188,9 @@ class Consumer:
 
     async def _ensure(self, runtime: Any) -> list[str]:
         report = await runtime.run(
-            lambda conn: ensure_topology_async(conn, self.config, durable=self.durable)
+            lambda conn: ensure_topology_async(
+                conn, self.config, durable=self.durable, limits=False
+            )
         )
         self.stream = report.consumer_stream or self.config.stream_name
         info = await runtime.run(lambda conn: conn.jsm.consumer_info(self.stream, self.durable))
@@ -199,7 +202,7 @@ class Consumer:
     async def _ensure_quietly(self, runtime: Any) -> None:
         try:
             await self._ensure(runtime)
-        except NatsError as exc:
+        except (NatsError, TopologyError) as exc:
             logger.warning("could not ensure the consumer: %s", exc)
 
     async def _pause(self, failures: int) -> None:
@@ -295,7 +298,11 @@ class Consumer:
     async def _settle_one(self, conn: Connection, delivery: Delivery, outcome: Outcome) -> None:
         if outcome.verdict is Verdict.ACK:
             await delivery.ack()
-            if outcome.duplicate:
+            if outcome.skipped:
+                self.stats.skipped += 1
+                metrics.consumed(self.durable, "skipped")
+                logger.info("acked a replay for another durable", extra=_seq(delivery))
+            elif outcome.duplicate:
                 self.stats.duplicates += 1
                 metrics.consumed(self.durable, "duplicate")
             else:
@@ -361,3 +368,7 @@ def _fields(message: ReceivedMessage, dead: dead_letter.DeadLetter) -> dict[str,
         "consumer": dead.consumer,
         "event_id": dead.event_id,
     }
+
+
+def _seq(delivery: Delivery) -> dict[str, Any]:
+    return {"stream_seq": delivery.stream_seq}

@@ -232,7 +232,7 @@ class BatchProcessor:
                 seen = seen or seen_seqs.get((item.message.stream, item.message.stream_seq))
                 outcome = self._process_item(batch, replace(item, seen=seen))
                 outcomes.append(outcome)
-                if item.event is not None and inbox is not None and outcome.verdict is Verdict.ACK:
+                if item.event is not None and inbox is not None and outcome.applied:
                     # The same event twice in one batch: the second is a duplicate, whether
                     # the first created the inbox row or turned an earlier failure around.
                     seen_ids[item.event["event_id"]] = Seen(
@@ -243,6 +243,8 @@ class BatchProcessor:
         return outcomes
 
     def _process_item(self, batch: _Pass, item: _Item) -> Outcome:
+        if (skipped := self.decisions.replay_for_another(item.message)) is not None:
+            return skipped  # a replay for another durable: acked, not handled
         if item.seen is not None and item.seen.status == InboxStatus.PROCESSED:
             return Outcome(item.message, Verdict.ACK, duplicate=True)
         if item.event is None:
