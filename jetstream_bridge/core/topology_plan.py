@@ -38,7 +38,13 @@ class SubjectPlan:
 
 
 def desired_subjects(config: BridgeConfig) -> list[str]:
-    subjects = [config.subjects.publish, config.subjects.subscribe]
+    """Every subject the stream must capture: each peer's publish and subscribe, then the DLQ.
+
+    With one peer this is today's list, in today's order: ``[publish, subscribe, dlq]``.
+    """
+    subjects = [
+        subject for peer in config.peer_subjects for subject in (peer.publish, peer.subscribe)
+    ]
     if config.use_dlq:
         subjects.append(config.subjects.dlq)
     for subject in subjects:
