@@ -352,6 +352,17 @@ class OutboxStore:
                 oldest_age = (timezone.now() - oldest).total_seconds()
         return {"counts": counts, "oldest_unsent_age": oldest_age}
 
+    def unsent_by_subject(self) -> dict[str, int]:
+        """Count the rows not yet sent per subject (one per destination): the per-peer backlog."""
+        manager = self.model._default_manager.db_manager(self.read_alias)
+        rows = (
+            manager.exclude(status=OutboxStatus.SENT)
+            .values("subject")
+            .annotate(n=models.Count("pk"))
+            .order_by()
+        )
+        return {str(row["subject"]): int(row["n"]) for row in rows}
+
 
 def _for_update(queryset: models.QuerySet[Any], alias: str) -> models.QuerySet[Any]:
     """``SELECT ... FOR UPDATE`` of the outbox rows only, skipping locked ones if possible."""
