@@ -25,7 +25,7 @@ from jetstream_bridge.fast_path import fast_path
 from jetstream_bridge.models import OutboxEvent, OutboxStatus
 from jetstream_bridge.relay import Relay
 from jetstream_bridge.topology import ensure_topology
-from tests.helpers import manage, nats, stream_messages, stream_subjects
+from tests.helpers import manage, nats, spawn, stream_messages, stream_subjects
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -125,6 +125,24 @@ def test_auto_provision__relay_publishes_every_peers_rows_in_a_fresh_environment
         peers.subjects_for(peer).publish for peer in PEERS * 2
     )
     assert len(provisioning_logs(caplog)) == 1
+
+
+def test_auto_provision__concurrent_relay_processes_converge_on_one_stream(
+    peers: BridgeConfig, subprocess_env: dict[str, str]
+) -> None:
+    for number, peer in enumerate(PEERS * 10):
+        outbox_row(peers, peer, number)
+    relays = [
+        spawn("jetstream_relay", "--once", "--batch-size", "5", env=subprocess_env)
+        for _ in range(3)
+    ]
+    for relay in relays:
+        _, err = relay.communicate(timeout=120)
+        assert relay.returncode == 0, err
+    assert set(OutboxEvent.objects.values_list("status", flat=True)) == {OutboxStatus.SENT}
+    assert set(stream_subjects(peers.stream_name)) == six_subjects(peers) | {peers.subjects.dlq}
+    stored = stream_messages(peers.stream_name)
+    assert len({m.headers["Nats-Msg-Id"] for m in stored}) == len(stored) == 30
 
 
 def test_auto_provision_off__the_row_and_the_log_say_who_must_run_ensure(
