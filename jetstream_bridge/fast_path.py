@@ -23,6 +23,7 @@ from .broker import PubAck
 from .core.errors import NatsUnavailable
 from .core.settings import BridgeConfig
 from .outbox import OutboxStore, Outcome
+from .provision import publish_provisioned
 from .runtime import get_runtime
 
 if TYPE_CHECKING:
@@ -79,7 +80,9 @@ class FastPath:
         with self._idle:
             self._in_flight += 1
         self._ensure_worker()
-        future = get_runtime().submit(event.publish)
+        future = get_runtime().submit(
+            lambda conn: publish_provisioned(conn, event.config, event.publish)
+        )
         future.add_done_callback(lambda f: self._results.put(_Publish(event, using, pk, f)))
 
     def _ensure_worker(self) -> None:

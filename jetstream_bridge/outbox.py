@@ -325,11 +325,7 @@ class OutboxStore:
     def purge_sent(
         self, older_than: float, *, batch_size: int = DEFAULT_BATCH_SIZE, dry_run: bool = False
     ) -> Purged:
-        """Delete sent rows older than ``older_than`` seconds, in batches (``purge.py``).
-
-        A row's age is its ``sent_at`` (a model without one is refused); unsent rows are kept
-        however old they are.
-        """
+        """Delete sent rows whose ``sent_at`` is older than ``older_than`` seconds, in batches."""
         if "sent_at" not in self.names:
             raise JetStreamBridgeError(
                 f"{self.model._meta.label} has no sent_at column: the purge cannot tell a sent "
@@ -358,6 +354,13 @@ class OutboxStore:
             if oldest is not None:
                 oldest_age = (timezone.now() - oldest).total_seconds()
         return {"counts": counts, "oldest_unsent_age": oldest_age}
+
+    def unsent_by_subject(self) -> dict[str, int]:
+        """Count the rows not yet sent per subject (one per destination): the per-peer backlog."""
+        manager = self.model._default_manager.db_manager(self.read_alias)
+        unsent = manager.exclude(status=OutboxStatus.SENT).values("subject")
+        rows = unsent.annotate(n=models.Count("pk")).order_by()
+        return {str(row["subject"]): int(row["n"]) for row in rows}
 
 
 def _for_update(queryset: models.QuerySet[Any], alias: str) -> models.QuerySet[Any]:

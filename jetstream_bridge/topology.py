@@ -397,6 +397,23 @@ async def ensure_topology_async(  # noqa: PLR0913 - public, keyword-only
     return report
 
 
+async def ensure_stream_async(conn: Connection, config: BridgeConfig) -> TopologyReport:
+    """The stream side of ``ensure_topology_async``: every peer's subjects, no consumer.
+
+    What ``AUTO_PROVISION`` runs when a publish finds no stream (``provision.py``); it raises
+    ``TopologyError`` when the stream cannot capture our subjects.
+    """
+    report = TopologyReport(stream=config.stream_name, applied=True)
+    # A publish path creates what is missing but never changes an existing stream's limits.
+    plan = await _ensure_stream(conn, config, report, dry_run=False, limits=_Limits(enforce=False))
+    if plan.add:
+        raise TopologyError(
+            f"stream {config.stream_name} did not take {', '.join(plan.add)} after "
+            f"{MAX_ATTEMPTS} attempts"
+        )
+    return report
+
+
 def ensure_topology(
     *,
     durable: str | None = None,

@@ -11,6 +11,7 @@ JetStreamBridgeError                 root: catch this to catch everything the br
 │   └── JetStreamApiError            the JetStream API answered with an error code
 │       └── StreamNotFound / ConsumerNotFound
 ├── PublishFailed                    a publish was not acknowledged by the stream
+│   └── NoStreamForSubject           no stream captures the subject (the server said 503)
 └── TopologyError                    stream/consumer provisioning could not converge
 
 ``jetstream_bridge.exceptions.ConfigurationError`` (Django's ``ImproperlyConfigured``) lives in
@@ -76,6 +77,14 @@ class ConsumerNotFound(JetStreamApiError):
 
 class PublishFailed(JetStreamBridgeError):
     """A publish was not acknowledged by any stream."""
+
+
+class NoStreamForSubject(PublishFailed):
+    """No stream captures ``subject``: the server answered the publish with "no responders"."""
+
+    def __init__(self, message: str, *, subject: str) -> None:
+        super().__init__(message)
+        self.subject = subject
 
 
 class TopologyError(JetStreamBridgeError):

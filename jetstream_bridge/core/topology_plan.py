@@ -38,8 +38,14 @@ class SubjectPlan:
 
 
 def desired_subjects(config: BridgeConfig) -> list[str]:
-    """The subjects the events' stream should capture (the DLQ only when it is shared)."""
-    subjects = [config.subjects.publish, config.subjects.subscribe]
+    """Every subject the events' stream must capture: each peer's publish and subscribe, then
+    the DLQ when it shares the events' stream (``DLQ_STREAM_NAME`` equal to ``STREAM_NAME``).
+
+    With one peer this is today's list, in today's order.
+    """
+    subjects = [
+        subject for peer in config.peer_subjects for subject in (peer.publish, peer.subscribe)
+    ]
     if config.use_dlq and not config.separate_dlq_stream:
         subjects.append(config.subjects.dlq)
     for subject in subjects:
