@@ -74,7 +74,7 @@ def test_ensure__three_peers_get_all_six_subjects_and_check_reports_a_missing_on
     peers: BridgeConfig, subprocess_env: dict[str, str]
 ) -> None:
     ensure_topology()
-    assert set(stream_subjects(peers.stream_name)) == six_subjects(peers) | {peers.subjects.dlq}
+    assert set(stream_subjects(peers.stream_name)) == six_subjects(peers)  # the DLQ: own stream
     assert manage("jetstream_ensure_topology", "--check", env=subprocess_env).returncode == 0
 
     # Someone drops shipping's inbound subject: --check names it.
@@ -140,7 +140,7 @@ def test_auto_provision__concurrent_relay_processes_converge_on_one_stream(
         _, err = relay.communicate(timeout=120)
         assert relay.returncode == 0, err
     assert set(OutboxEvent.objects.values_list("status", flat=True)) == {OutboxStatus.SENT}
-    assert set(stream_subjects(peers.stream_name)) == six_subjects(peers) | {peers.subjects.dlq}
+    assert set(stream_subjects(peers.stream_name)) == six_subjects(peers)  # the DLQ: own stream
     stored = stream_messages(peers.stream_name)
     assert len({m.headers["Nats-Msg-Id"] for m in stored}) == len(stored) == 30
 
@@ -285,7 +285,9 @@ def test_dlq__consumer_selection_spans_peers_and_replays_to_each_peers_subject(
         peers.subjects_for(peer).subscribe for peer in ("billing", "shipping")
     )
 
-    result = dlq.replay(dlq.Selection(consumer="orders-in"), keep=True)
+    # "orders-in" is a name in the letters, not a durable here: broadcast, not targeted.
+    broadcast = dlq.ReplayPolicy(broadcast=True)
+    result = dlq.replay(dlq.Selection(consumer="orders-in"), keep=True, policy=broadcast)
     assert (len(result.replayed), result.failed) == (2, [])
     inbound = [
         m.subject for m in stream_messages(peers.stream_name) if m.subject != peers.subjects.dlq
