@@ -105,21 +105,27 @@ class OutboxStore:
         ``Model.objects.create()``: a custom model's field defaults apply, its ``save()`` and
         model signals do not run.
         """
-        row = event.row_values(self.names)
-        if not self.config.outbox_fast_path and self.vendor == "postgresql":
-            # Delivered at commit (and dropped on rollback): wakes a LISTENing relay at once.
-            postgresql.notify_outbox(connections[self.alias])
-        if not event.explicit_id:
-            return insert_rows(self.model, self.alias, [row], returning=True)[0], True
-        try:
-            with transaction.atomic(using=self.alias):
-                return insert_rows(self.model, self.alias, [row], returning=True)[0], True
-        except IntegrityError:
-            existing = self.manager.filter(event_id=event.event_id).values_list("pk", flat=True)
-            pk = existing.first()
-            if pk is None:
-                raise
-            return pk, False
+        _notify(self)
+        return _insert(self, event)
+
+    def write_many(self, events: Sequence[NewEvent]) -> list[tuple[Any, bool]]:
+        """Insert one event's copies (one per destination), all or none; ``(pk, created)`` each.
+
+        Inside the caller's transaction they join it; outside one they commit together. With
+        generated ids it is one multi-row INSERT; a caller-supplied id is inserted copy by
+        copy, so a repeat is a duplicate for each copy already there and a new row for a
+        destination that has none yet.
+        """
+        if len(events) == 1:
+            return [self.write(events[0])]
+        with transaction.atomic(using=self.alias):
+            _notify(self)
+            if not any(event.explicit_id for event in events):
+                rows = [event.row_values(self.names) for event in events]
+                return [
+                    (pk, True) for pk in insert_rows(self.model, self.alias, rows, returning=True)
+                ]
+            return [_insert(self, event) for event in events]
 
     # -- taking batches -----------------------------------------------------------------------
 
@@ -386,3 +392,25 @@ def _fenced(
         queryset.filter(**match) if operator == "=" else queryset.exclude(**match)
     )
     return fenced
+
+
+def _notify(store: OutboxStore) -> None:
+    if not store.config.outbox_fast_path and store.vendor == "postgresql":
+        # Delivered at commit (and dropped on rollback): wakes a LISTENing relay at once.
+        postgresql.notify_outbox(connections[store.alias])
+
+
+def _insert(store: OutboxStore, event: NewEvent) -> tuple[Any, bool]:
+    """``OutboxStore.write`` for one row, after the relay was notified."""
+    row = event.row_values(store.names)
+    if not event.explicit_id:
+        return insert_rows(store.model, store.alias, [row], returning=True)[0], True
+    try:
+        with transaction.atomic(using=store.alias):
+            return insert_rows(store.model, store.alias, [row], returning=True)[0], True
+    except IntegrityError:
+        existing = store.manager.filter(event_id=event.event_id).values_list("pk", flat=True)
+        pk = existing.first()
+        if pk is None:
+            raise
+        return pk, False

@@ -43,24 +43,24 @@ EVENT = {
 WAYS = ["outbox_fast_path", "outbox_relay", "direct", "direct_on_commit", "async_outbox"]
 
 
-def _publish(way: str, settings: Any) -> None:
+def _publish(way: str, settings: Any, event: dict[str, Any]) -> None:
     if way == "outbox_fast_path":
         with transaction.atomic():
-            Publisher().publish(**EVENT)
+            Publisher().publish(**event)
         assert fast_path().wait_idle()
     elif way == "outbox_relay":
         settings.JETSTREAM_BRIDGE = {**settings.JETSTREAM_BRIDGE, "OUTBOX_FAST_PATH": False}
-        Publisher().publish(**EVENT)
+        Publisher().publish(**event)
         assert Relay().run(once=True).sent == 1
     elif way == "direct":
         settings.JETSTREAM_BRIDGE = {**settings.JETSTREAM_BRIDGE, "USE_OUTBOX": False}
-        Publisher().publish(**EVENT)
+        Publisher().publish(**event)
     elif way == "direct_on_commit":
         settings.JETSTREAM_BRIDGE = {**settings.JETSTREAM_BRIDGE, "USE_OUTBOX": False}
         with transaction.atomic():
-            Publisher().publish(**EVENT)
+            Publisher().publish(**event)
     else:
-        asyncio.run(Publisher().publish_async(**EVENT))
+        asyncio.run(Publisher().publish_async(**event))
         assert fast_path().wait_idle()
 
 
@@ -76,12 +76,14 @@ def _wire(config: Any) -> list[dict[str, Any]]:
     ]
 
 
+@pytest.mark.parametrize("named", [False, True], ids=["destination_left_out", "destination_named"])
 @pytest.mark.parametrize("way", WAYS)
 def test_single_destination__message_is_byte_identical_to_the_golden_capture(
-    jetstream_bridge: Any, settings: Any, way: str
+    jetstream_bridge: Any, settings: Any, way: str, named: bool
 ) -> None:
     ensure_topology()
-    _publish(way, settings)
+    # Naming the one peer (destination="beta") publishes exactly what leaving it out does.
+    _publish(way, settings, {**EVENT, "destination": "beta"} if named else EVENT)
     config = get_config()
     deadline = 50
     while not (wire := _wire(config)) and deadline:  # a deferred send lands shortly after commit
@@ -90,7 +92,7 @@ def test_single_destination__message_is_byte_identical_to_the_golden_capture(
     # Per database: the relay publishes the payload column as the database returns it, and
     # PostgreSQL's jsonb gives its own key order and spacing (it always has).
     key = f"{way}@{connection.vendor}"
-    if os.environ.get("JSB_WRITE_GOLDEN"):
+    if os.environ.get("JSB_WRITE_GOLDEN") and not named:
         golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
         golden[key] = wire
         GOLDEN.write_text(json.dumps(golden, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
