@@ -133,19 +133,15 @@ class OutboxStore:
         """Rows a relay may take now, in key order, readable as ``ClaimedRow``s.
 
         With ``after``, only rows with a greater key (see ``Relay.drain``). With
-        OUTBOX_ORDERING, a row waits while an earlier one of its resource is unsent.
+        OUTBOX_ORDERING, a row waits while an earlier one of its resource is unsent; with
+        several peers, only one for the same subject (peer): one peer's order never waits
+        for another peer's copies.
         """
         queryset = self.manager.filter(outbox_due(now or timezone.now(), self.names))
         if after is not None:
             queryset = queryset.filter(pk__gt=after)
         if self.config.outbox_ordering and {"resource_type", "resource_id"} <= self.names:
-            older_unsent = self.manager.filter(
-                resource_type=OuterRef("resource_type"),
-                resource_id=OuterRef("resource_id"),
-                pk__lt=OuterRef("pk"),
-            ).exclude(status=OutboxStatus.SENT)
-            # Events without a resource id have nothing to be ordered against.
-            queryset = queryset.filter(models.Q(resource_id="") | ~Exists(older_unsent))
+            queryset = _in_resource_order(self, queryset)
         return readable(queryset, self.names)
 
     def lock(
@@ -213,10 +209,14 @@ class OutboxStore:
             self.manager.filter(pk__in=[row[0] for row in rows]).update(**update)
         return token, claimed_rows(rows, self.names, counted=False)
 
-    def has_older_unsent(self, pk: Any, resource_type: str, resource_id: str) -> bool:
-        """Tell whether an earlier event of the same resource is still unsent (ordering)."""
+    def has_older_unsent(
+        self, pk: Any, resource_type: str, resource_id: str, subject: str | None = None
+    ) -> bool:
+        """Tell whether an earlier event of the same resource (and subject) is still unsent."""
         manager = self.model._default_manager.db_manager(self.read_alias)
         earlier = manager.filter(resource_type=resource_type, resource_id=resource_id, pk__lt=pk)
+        if subject is not None:
+            earlier = earlier.filter(subject=subject)
         return bool(earlier.exclude(status=OutboxStatus.SENT).exists())
 
     # -- recording results --------------------------------------------------------------------
@@ -414,3 +414,19 @@ def _insert(store: OutboxStore, event: NewEvent) -> tuple[Any, bool]:
         if pk is None:
             raise
         return pk, False
+
+
+def _in_resource_order(store: OutboxStore, queryset: models.QuerySet[Any]) -> models.QuerySet[Any]:
+    """The rows of ``queryset`` with no earlier unsent row of their resource (and peer)."""
+    older_unsent = store.manager.filter(
+        resource_type=OuterRef("resource_type"),
+        resource_id=OuterRef("resource_id"),
+        pk__lt=OuterRef("pk"),
+    ).exclude(status=OutboxStatus.SENT)
+    if len(store.config.destinations) > 1:
+        older_unsent = older_unsent.filter(subject=OuterRef("subject"))
+    # Events without a resource id have nothing to be ordered against.
+    ordered: models.QuerySet[Any] = queryset.filter(
+        models.Q(resource_id="") | ~Exists(older_unsent)
+    )
+    return ordered

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.db import transaction
+from django.utils import timezone
 
 from jetstream_bridge import Publisher, PublishResult
 from jetstream_bridge.conf import get_config
@@ -294,3 +296,51 @@ def test_fanout__the_capture_records_each_copys_destination(
         f"{jetstream_capture.events[0]['event_id']}~billing",
         f"{jetstream_capture.events[0]['event_id']}~shipping",
     ]
+
+
+def test_fanout__ordering_is_per_peer_so_no_copy_waits_for_another_peers(
+    three_peers: Any, settings: Any
+) -> None:
+    config = configure(settings, OUTBOX_ORDERING=True)
+    first = Publisher().publish(**EVENT)
+    assert fast_path().wait_idle()
+    # Every copy went out through the fast path: none was held for another peer's copy.
+    assert set(OutboxEvent.objects.values_list("status", flat=True)) == {OutboxStatus.SENT}
+    second = Publisher().publish(**{**EVENT, "event_type": "paid"})
+    assert fast_path().wait_idle()
+    assert set(OutboxEvent.objects.values_list("status", flat=True)) == {OutboxStatus.SENT}
+    messages = wait_for_messages(config, 6)
+    for peer in PEERS:
+        subject = f"{config.env}.data.sync.alpha.{peer}"
+        assert [m["envelope"]["event_id"] for m in messages if m["subject"] == subject] == [
+            first.event_id,
+            second.event_id,
+        ]
+
+
+def test_fanout__a_peer_whose_copy_keeps_failing_does_not_hold_the_others_in_order(
+    three_peers: Any, settings: Any
+) -> None:
+    config = configure(settings, OUTBOX_ORDERING=True, OUTBOX_FAST_PATH=False)
+    first = Publisher().publish(**EVENT)
+    second = Publisher().publish(**{**EVENT, "event_type": "paid"})
+    # billing's copy of the first event failed and is not due for an hour.
+    later = timezone.now() + timedelta(hours=1)
+    OutboxEvent.objects.filter(event_id=f"{first.event_id}~billing").update(
+        status=OutboxStatus.FAILED, attempts=1, available_at=later
+    )
+    stats = Relay().run(once=True)
+    assert (stats.sent, stats.failed) == (4, 0)
+    # billing's second event still waits behind its first; beta and shipping have both, in order.
+    unsent = OutboxEvent.objects.exclude(status=OutboxStatus.SENT)
+    assert sorted(unsent.values_list("event_id", flat=True)) == sorted(
+        [f"{first.event_id}~billing", f"{second.event_id}~billing"]
+    )
+    messages = wire(config)
+    for peer in ("beta", "shipping"):
+        subject = f"{config.env}.data.sync.alpha.{peer}"
+        assert [m["envelope"]["event_id"] for m in messages if m["subject"] == subject] == [
+            first.event_id,
+            second.event_id,
+        ]
+    assert not [m for m in messages if m["subject"].endswith(".billing")]
