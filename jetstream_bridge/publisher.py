@@ -252,9 +252,9 @@ class Publisher:
     ) -> PublishResult:
         """Publish one event; raise ``InvalidEvent`` (nothing written) on bad input.
 
-        ``destination`` is one peer of ``DESTINATION_APP``, several (a list: a
-        ``FanOutResult`` is returned), or None: every peer. A peer not in ``DESTINATION_APP``
-        raises ``UnknownDestination``.
+        ``destination`` is one peer of ``DESTINATION_APP``, several (a list), or None: every
+        peer. A publish to one peer returns its ``PublishResult``, to several a
+        ``FanOutResult``. A peer not in ``DESTINATION_APP`` raises ``UnknownDestination``.
         """
         request = _Request(
             resource_type,
