@@ -290,9 +290,9 @@ def _outbox_backlog(config: BridgeConfig, using: str | None) -> OutboxBacklog | 
 
     store = OutboxStore(config, using=using)
     try:
-        data = store.backlog()
         # One grouped count more, for the backlog per destination (several peers only).
-        by_subject = store.unsent_by_subject() if len(config.destinations) > 1 else {}
+        data = store.backlog(by_subject=len(config.destinations) > 1)
+        by_subject = data["unsent_by_subject"]
     except DatabaseError as exc:
         first_line = (str(exc).strip().splitlines() or [""])[0]
         return OutboxBacklog({}, 0, None, error=scrub(f"{type(exc).__name__}: {first_line}"))

@@ -230,9 +230,9 @@ class BridgeCollector:
         alias = store.read_alias
         opened_here = connections[alias].connection is None
         try:
-            backlog = store.backlog()
             several = len(config.destinations) > 1
-            by_subject = store.unsent_by_subject() if several else {}
+            backlog = store.backlog(by_subject=several)
+            by_subject = backlog["unsent_by_subject"]
         finally:
             if opened_here and not connections[alias].in_atomic_block:
                 # A scrape thread of its own must not keep a database connection open.

@@ -2,7 +2,8 @@
 
 JetStreamBridgeError                 root: catch this to catch everything the bridge raises
 ├── InvalidEvent                     publisher input that cannot become an envelope
-│   └── PayloadTooLarge              encoded event exceeds the server's max payload
+│   ├── PayloadTooLarge              encoded event exceeds the server's max payload
+│   └── UnknownDestination           publish(destination=...) names a peer not in DESTINATION_APP
 ├── MalformedEnvelope                a received message that is not a valid envelope
 ├── RejectMessage                    raised by a handler: dead-letter this message now
 ├── NatsError                        anything that went wrong talking to NATS
@@ -31,6 +32,10 @@ class InvalidEvent(JetStreamBridgeError, ValueError):
 
 class PayloadTooLarge(InvalidEvent):
     """The encoded event is larger than the server accepts."""
+
+
+class UnknownDestination(InvalidEvent):
+    """``publish(destination=...)`` names a peer that is not in ``DESTINATION_APP``."""
 
 
 class MalformedEnvelope(JetStreamBridgeError, ValueError):
