@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -102,11 +103,13 @@ def test_auto_provision__fast_path_publishes_in_a_fresh_environment_ensuring_onc
                     resource_type="order", event_type="placed", payload={"n": number}
                 )
         assert fast_path().wait_idle()
+    # Every publish fans out to the three peers: 60 rows, 60 messages, 20 per peer.
     rows = list(OutboxEvent.objects.values_list("status", "last_error"))
-    assert rows == [(OutboxStatus.SENT, None)] * 20
+    assert rows == [(OutboxStatus.SENT, None)] * 60
     stored = stream_messages(peers.stream_name)
-    assert len(stored) == 20
-    assert {m.subject for m in stored} == {peers.subjects.publish}
+    assert len(stored) == 60
+    per_peer = Counter(m.subject for m in stored)
+    assert per_peer == {peers.subjects_for(p).publish: 20 for p in peers.destinations}
     assert set(stream_subjects(peers.stream_name)) >= six_subjects(peers)
     # One ensure for the process, not one per publish.
     assert len(provisioning_logs(caplog)) == 1
