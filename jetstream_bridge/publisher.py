@@ -43,6 +43,7 @@ from .core.envelope import (
 from .core.errors import InvalidEvent, PayloadTooLarge
 from .core.settings import BridgeConfig
 from .outbox import NewEvent, OutboxStore
+from .provision import publish_provisioned
 from .runtime import get_runtime
 
 logger = logging.getLogger(__name__)
@@ -143,10 +144,14 @@ class NatsSender:
     """Publish to JetStream on the shared connection (``runtime``): the default ``Sender``."""
 
     def send(self, event: PreparedEvent) -> PubAck:
-        return get_runtime().call(event.publish)
+        return get_runtime().call(
+            lambda conn: publish_provisioned(conn, event.config, event.publish)
+        )
 
     async def send_async(self, event: PreparedEvent) -> PubAck:
-        return await get_runtime().run(event.publish)
+        return await get_runtime().run(
+            lambda conn: publish_provisioned(conn, event.config, event.publish)
+        )
 
     def after_commit(self, event: PreparedEvent, using: str | None, pk: Any = None) -> None:
         if pk is None:
@@ -167,7 +172,9 @@ def _send_detached(event: PreparedEvent) -> None:
                 extra=event.log_fields(),
             )
 
-    get_runtime().submit(event.publish).add_done_callback(report)
+    get_runtime().submit(
+        lambda conn: publish_provisioned(conn, event.config, event.publish)
+    ).add_done_callback(report)
 
 
 _sender: Sender = NatsSender()

@@ -92,6 +92,22 @@ def test_ensure__three_peers_get_all_six_subjects_and_check_reports_a_missing_on
 # -- auto-provisioning ------------------------------------------------------------------------
 
 
+def test_auto_provision__a_direct_publish_without_outbox_provisions_too(
+    peers: BridgeConfig, settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings.JETSTREAM_BRIDGE = {**settings.JETSTREAM_BRIDGE, "USE_OUTBOX": False}
+    assert nats(lambda c: c.jsm.stream_info(peers.stream_name)) is None
+    with caplog.at_level(logging.INFO, logger="jetstream_bridge"):
+        for number in range(5):
+            result = Publisher().publish(
+                resource_type="order", event_type="placed", payload={"n": number}
+            )
+            assert result.status == "sent"
+    per_peer = Counter(m.subject for m in stream_messages(peers.stream_name))
+    assert per_peer == {peers.subjects_for(p).publish: 5 for p in peers.destinations}
+    assert len(provisioning_logs(caplog)) == 1
+
+
 def test_auto_provision__fast_path_publishes_in_a_fresh_environment_ensuring_once(
     peers: BridgeConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
