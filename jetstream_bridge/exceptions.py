@@ -20,6 +20,7 @@ from .core.errors import (
     RejectMessage,
     StreamNotFound,
     TopologyError,
+    UnknownPeer,
 )
 from .core.settings import Problem
 
@@ -48,4 +49,5 @@ __all__ = [
     "RejectMessage",
     "StreamNotFound",
     "TopologyError",
+    "UnknownPeer",
 ]

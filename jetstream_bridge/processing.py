@@ -57,6 +57,7 @@ from .core import dead_letter
 from .core.envelope import FieldLimits, decode
 from .core.errors import MalformedEnvelope, RejectMessage
 from .core.settings import BridgeConfig
+from .core.subjects import producer_of
 from .handlers import Handler, HandlerRegistry, autodiscover, registry
 from .inbox import Inbox, Seen, field_limits, inbox_model
 from .models import InboxStatus
@@ -249,7 +250,9 @@ class BatchProcessor:
             assert item.error is not None
             return self._fail(batch, item, item.error, reason=dead_letter.MALFORMED)
         fn = self.handler or self.registry.resolve(
-            item.event["resource_type"], item.event["event_type"]
+            item.event["resource_type"],
+            item.event["event_type"],
+            producer_of(item.message.subject, self.config.env, self.config.app_name),
         )
         if fn is None:
             missing = LookupError(

@@ -80,3 +80,7 @@ class PublishFailed(JetStreamBridgeError):
 
 class TopologyError(JetStreamBridgeError):
     """Stream or consumer provisioning failed."""
+
+
+class UnknownPeer(JetStreamBridgeError, ValueError):
+    """A peer was named (``--from``, ``Consumer(peers=...)``) that ``DESTINATION_APP`` lacks."""
