@@ -4,8 +4,9 @@ Each peer this service hears from (``DESTINATION_APP``, or the ``peers`` given) 
 its own durable (``core/topology_plan.peer_durable``: the default peer keeps the name given,
 every other peer gets ``{name}-{peer}``) by its own ``consumer_loop.PeerLoop``. With several
 peers the loops run concurrently, each with its own database thread and connection, so a slow
-handler of one peer never holds up another peer's events. With one peer the single loop runs
-exactly as a single-peer service always has.
+handler of one peer never holds up another peer's events (on SQLite, with one writer, their
+batch transactions take turns). With one peer the single loop runs exactly as a single-peer
+service always has.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
+
+from django.db import connections
 
 from .conf import get_config
 from .consumer_loop import IDLE_CHECK_EVERY, ConsumerStats, LoopOptions, PeerLoop
@@ -70,26 +73,30 @@ class Consumer:
             stop_when_idle=stop_when_idle,
             stop=self.stop,
         )
+        processors = {
+            peer: BatchProcessor(
+                durable=durable, handler=handler, registry=registry, using=using, config=self.config
+            )
+            for peer, durable in self.durables.items()
+        }
+        self.using = next(iter(processors.values())).using
+        # Each loop's batch transactions in a thread of its own, so one peer's slow handler
+        # holds up no other peer. Not on SQLite: it has one writer per database, and two open
+        # transactions upgrading to write fail at once ("database is locked"), costing their
+        # messages a delivery; its loops take turns in Django's sync thread instead.
+        threads = len(self.peers) > 1 and connections[self.using].vendor != "sqlite"
         self.loops = [
             PeerLoop(
                 peer,
                 durable,
-                BatchProcessor(
-                    durable=durable,
-                    handler=handler,
-                    registry=registry,
-                    using=using,
-                    config=self.config,
-                ),
+                processors[peer],
                 options,
                 self.stats,
-                # One peer: Django's sync thread, as always. Several: a thread each.
-                ThreadPoolExecutor(1, f"jsb-{durable}") if len(self.peers) > 1 else None,
+                ThreadPoolExecutor(1, f"jsb-{durable}") if threads else None,
             )
             for peer, durable in self.durables.items()
         ]
         self.processor = self.loops[0].processor
-        self.using = self.processor.using
 
     @property
     def stream(self) -> str:

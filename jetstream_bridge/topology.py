@@ -263,12 +263,25 @@ async def _ensure_consumer(
     info = await conn.jsm.consumer_info(stream, durable) if exists else None
     if info is None:
         await _create_consumer(conn, config, stream, desired, report, dry_run=dry_run)
-        return
-    problem = foreign_filter_problem(config, durable, subject, info.config.filter_subject)
+    else:
+        await _update_consumer(conn, stream, desired, info, report, dry_run=dry_run)
+
+
+async def _refuse_reordered_peers(
+    conn: Connection, config: BridgeConfig, durable: str, report: TopologyReport
+) -> None:
+    """Refuse before any consumer changes when ``durable`` consumes another configured peer.
+
+    Checked for every peer set (``--from`` too): creating ``{durable}-{old default}`` would
+    replay that peer's whole history, re-filtering ``durable`` would skip the new default's.
+    """
+    subject = config.subjects.subscribe
+    stream = await _stream_capturing(conn, config, subject)
+    info = await conn.jsm.consumer_info(stream, durable) if stream else None
+    problem = info and foreign_filter_problem(config, durable, subject, info.config.filter_subject)
     if problem:
         report.add("refused", f"{stream}/{durable}", problem, change=True)
         raise TopologyError(problem)
-    await _update_consumer(conn, stream, desired, info, report, dry_run=dry_run)
 
 
 async def _create_consumer(
@@ -364,6 +377,7 @@ async def ensure_topology_async(
     report = TopologyReport(stream=config.stream_name, applied=not dry_run)
     await _ensure_stream(conn, config, report, dry_run=dry_run, take_over=take_over)
     if durable:
+        await _refuse_reordered_peers(conn, config, durable, report)
         for peer, name in peer_durables(config, durable, peers).items():
             subject = config.subjects_for(peer).subscribe
             await _ensure_consumer(conn, config, name, report, dry_run=dry_run, subject=subject)
