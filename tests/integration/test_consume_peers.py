@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -298,3 +301,41 @@ def test_consume__reordering_the_peers_is_refused_not_replayed(
     answer = consumer_answer(config.stream_name, DURABLE)
     assert answer is not None
     assert answer["config"]["filter_subject"] == config.subjects_for("billing").subscribe
+
+
+def test_consume__sigterm_settles_every_peers_batch_in_hand(
+    jetstream_bridge: Any, settings: Any, subprocess_env: dict[str, str]
+) -> None:
+    config = configure(settings, PEERS)
+    overrides = {**json.loads(subprocess_env["JSB_TEST_OVERRIDES"]), "DESTINATION_APP": PEERS}
+    env = {**subprocess_env, "JSB_TEST_OVERRIDES": json.dumps(overrides)}
+    ids = {peer: publish_from(config, peer, 40, sleep=0.05) for peer in PEERS}
+    durables = {"billing": DURABLE, "shipping": f"{DURABLE}-shipping"}
+    worker = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "django", "jetstream_consume", "--durable", DURABLE),
+            *("--batch-size", "10"),
+            *("--handler", "tests.testapp.handlers.slow_effect"),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while {s for s in Effect.objects.values_list("consumer", flat=True)} != {
+        config.subjects_for(peer).subscribe for peer in PEERS
+    }:
+        assert time.monotonic() < deadline, "both peers must be consumed before the stop"
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGTERM)
+    out, err = worker.communicate(timeout=60)
+    assert worker.returncode == 0, err
+    applied = list(Effect.objects.values_list("event_id", flat=True))
+    assert len(applied) < 80, "SIGTERM must stop it before the end"
+    assert f"processed {len(applied)}," in out
+    for peer, durable in durables.items():
+        answer = consumer_answer(config.stream_name, durable)
+        assert answer is not None
+        assert answer["num_ack_pending"] == 0  # every loop settled its batch in hand
+        assert inbox_ids(durable) == set(applied) & set(ids[peer])
