@@ -116,7 +116,7 @@ class Demo:
                 letters, seq = [], 1
                 while True:
                     message = await conn.jsm.next_message(
-                        config.stream_name, seq, config.subjects.dlq
+                        config.dlq_stream_name, seq, config.subjects.dlq
                     )
                     if message is None:
                         return letters

@@ -28,7 +28,7 @@ from . import metrics
 from .broker import Connection, Delivery
 from .core import dead_letter
 from .core.envelope import MSG_ID_HEADER
-from .core.errors import ConsumerNotFound, NatsError, PublishFailed
+from .core.errors import ConsumerNotFound, NatsError, PublishFailed, TopologyError
 from .processing import BatchProcessor, Outcome, ReceivedMessage, Verdict
 from .runtime import get_runtime
 from .topology import ensure_topology_async
@@ -45,13 +45,14 @@ class ConsumerStats:
     duplicates: int = 0
     retried: int = 0
     dead_lettered: int = 0
+    skipped: int = 0  # replays meant for another durable, acked without handling
     batches: int = 0
     redone: int = 0  # batches rolled back after a handler failed and redone with savepoints
     started: float = field(default_factory=time.monotonic)
 
     @property
     def handled(self) -> int:
-        return self.processed + self.duplicates + self.retried + self.dead_lettered
+        return self.processed + self.duplicates + self.retried + self.dead_lettered + self.skipped
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,9 @@ class PeerLoop:
     async def _ensure(self, runtime: Any) -> list[str]:
         base, peers = self.options.base_durable, (self.peer,)
         report = await runtime.run(
-            lambda conn: ensure_topology_async(conn, self.config, durable=base, peers=peers)
+            lambda conn: ensure_topology_async(
+                conn, self.config, durable=base, limits=False, peers=peers
+            )
         )
         self.stream = report.consumer_streams.get(self.durable) or self.config.stream_name
         info = await runtime.run(lambda conn: conn.jsm.consumer_info(self.stream, self.durable))
@@ -193,7 +196,7 @@ class PeerLoop:
     async def _ensure_quietly(self, runtime: Any) -> None:
         try:
             await self._ensure(runtime)
-        except NatsError as exc:
+        except (NatsError, TopologyError) as exc:
             logger.warning("could not ensure the consumer: %s", exc)
 
     async def _pause(self, failures: int) -> None:
@@ -288,7 +291,11 @@ class PeerLoop:
     async def _settle_one(self, conn: Connection, delivery: Delivery, outcome: Outcome) -> None:
         if outcome.verdict is Verdict.ACK:
             await delivery.ack()
-            if outcome.duplicate:
+            if outcome.skipped:
+                self.stats.skipped += 1
+                metrics.consumed(self.durable, "skipped")
+                logger.info("acked a replay for another durable", extra=_seq(delivery))
+            elif outcome.duplicate:
                 self.stats.duplicates += 1
                 metrics.consumed(self.durable, "duplicate")
             else:
@@ -354,3 +361,7 @@ def _fields(message: ReceivedMessage, dead: dead_letter.DeadLetter) -> dict[str,
         "consumer": dead.consumer,
         "event_id": dead.event_id,
     }
+
+
+def _seq(delivery: Delivery) -> dict[str, Any]:
+    return {"stream_seq": delivery.stream_seq}

@@ -10,7 +10,9 @@ header: it republishes only to this app's own inbound subject unless the operato
 does not verify unless told to include them. A header that does not parse is shown as written
 and marked invalid; it never stops a listing or a replay.
 
-Replay republishes the stored body under a new ``Nats-Msg-Id`` (``replay:<dlq-seq>:<random>``):
+Replay is for the durable that dead-lettered the letter (``Jsb-Replay-For``; the other
+durables on the subject ack it unhandled, ``outcomes``) unless ``ReplayPolicy.broadcast``.
+It republishes the stored body under a new ``Nats-Msg-Id`` (``replay:<dlq-seq>:<random>``):
 the original id may still sit in the stream's dedupe window and would make the server drop the
 copy, and a predictable id could be published first to the same effect, so a ``duplicate`` ack
 counts as a failure and the letter stays. Exactly-once handling does not depend on that id: the
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,30 +37,17 @@ from .broker import Connection, StoredMessage
 from .conf import get_config
 from .core import dead_letter as core_dlq
 from .core.dead_letter import ReplayPolicy as ReplayPolicy  # re-exported for the commands
+from .core.durations import parse_server_time
 from .core.envelope import MSG_ID_HEADER
 from .core.errors import JetStreamApiError, PublishFailed
 from .core.settings import BridgeConfig
+from .core.subjects import token_problem
+from .dlq_stream import dlq_holders, durable_reads
 from .runtime import get_runtime
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-_RFC3339_FRACTION = re.compile(r"\.(\d+)")
-
-
-def _parse_time(value: str) -> datetime | None:
-    """Parse the server's RFC 3339 timestamp (nanoseconds, ``Z``) into an aware datetime."""
-    if not value:
-        return None
-    text = value.replace("Z", "+00:00")
-    # Python 3.10's fromisoformat accepts only 3 or 6 fraction digits; the server sends 9.
-    text = _RFC3339_FRACTION.sub(lambda m: "." + m.group(1)[:6].ljust(6, "0"), text, count=1)
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 def _reject_constant(name: str) -> Any:
@@ -91,7 +79,7 @@ class DeadLetterMessage:
             stream=stream,
             seq=message.seq,
             subject=message.subject,
-            stored_at=_parse_time(message.time),
+            stored_at=parse_server_time(message.time),
             headers=headers,
             data=message.data,
             verification=core_dlq.verification(headers, message.data, key),
@@ -235,10 +223,9 @@ class ReplayResult:
 
 
 async def find_stream(conn: Connection, config: BridgeConfig) -> str | None:
-    """Return the stream that stores the DLQ subject (the bridge's own preferred)."""
-    names = await conn.jsm.stream_names(subject=config.subjects.dlq)
-    if config.stream_name in names:
-        return config.stream_name
+    """Return the stream that stores the DLQ subject: ``DLQ_STREAM_NAME``, else the events'
+    stream (an environment not moved yet), else whichever captures it."""
+    names = await dlq_holders(conn, config)
     return names[0] if names else None
 
 
@@ -343,12 +330,20 @@ async def replay_async(
     policy = policy or ReplayPolicy()
     _, messages = await _scan(conn, config, selection)
     result = ReplayResult()
+    seen: dict[tuple[str, str], bool] = {}
     for message in messages:
         problem = policy.problem(config.subjects, message.original_subject, message.verification)
         if problem:
             result.failed.append((message.seq, problem))
             continue
-        new_seq = await _republish(conn, message, result)
+        target = None if policy.broadcast else message.consumer.strip() or None
+        why = await _target_problem(conn, message.original_subject, target, seen)
+        if why:
+            result.failed.append((message.seq, why))
+            continue
+        key = core_dlq.signing_key(config.dlq_signing_key)
+        headers = core_dlq.replay_headers(message.seq, message.data, target=target, key=key)
+        new_seq = await _republish(conn, message, headers, result)
         if new_seq is not None and not keep:
             try:
                 await conn.jsm.delete_message(message.stream, message.seq)
@@ -358,14 +353,27 @@ async def replay_async(
     return result
 
 
+async def _target_problem(
+    conn: Connection, subject: str, durable: str | None, seen: dict[tuple[str, str], bool]
+) -> str | None:
+    """Say why a replay cannot be for ``durable`` only (``None``: it can, or it is for all).
+
+    The letter's consumer is a claim: it must name a durable reading ``subject``.
+    """
+    if durable is None:
+        return None
+    if token_problem(durable):
+        return f"consumer {durable!r} is not a durable name; use --broadcast"
+    if (subject, durable) not in seen:
+        seen[(subject, durable)] = await durable_reads(conn, subject, durable)
+    return None if seen[(subject, durable)] else f"no durable {durable!r}; use --broadcast"
+
+
 async def _republish(
-    conn: Connection, message: DeadLetterMessage, result: ReplayResult
+    conn: Connection, message: DeadLetterMessage, headers: dict[str, str], result: ReplayResult
 ) -> int | None:
     """Publish ``message`` to its original subject; return the new sequence, or ``None``."""
-    target = message.original_subject
-    # Random, so that nobody can publish the id first and have the server drop the copy.
-    replay_id = f"replay:{message.seq}:{core_dlq.nonce()}"
-    headers = {MSG_ID_HEADER: replay_id, core_dlq.REPLAY_OF: str(message.seq)}
+    target, replay_id = message.original_subject, headers[MSG_ID_HEADER]
     fields: dict[str, Any] = {"dlq_seq": message.seq, "subject": target}
     try:
         ack = await conn.publish(target, message.data, headers)

@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from .core.envelope import FieldLimits
 from .core.errors import JetStreamBridgeError
+from .core.retention import inbox_horizon_floor, inbox_horizon_problem
 from .core.settings import BridgeConfig
 from .models import InboxStatus, field_names, only_fields
 from .outcomes import ReceivedMessage
@@ -210,6 +211,7 @@ class InboxStore:
     """The whole inbox table (``INBOX_MODEL``) on one database alias: retention."""
 
     def __init__(self, config: BridgeConfig, *, using: str | None = None) -> None:
+        self.config = config
         self.model = inbox_model(config)
         self.names = field_names(self.model)
         self.manager = self.model._default_manager.db_manager(
@@ -224,22 +226,44 @@ class InboxStore:
         consumer: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         dry_run: bool = False,
+        force: bool = False,
     ) -> Purged:
         """Delete processed rows older than ``older_than`` seconds, in batches (``purge.py``).
 
         Failed rows (the record of a dead-lettered event, what the admin re-runs) are kept
         unless ``include_failed``; rows still being received are always kept. ``consumer``
         limits the purge to one durable's rows. A purged event that comes back is handled
-        again: see the README's *Retention*.
+        again: see the README's *Retention*. A horizon shorter than the bridge's own
+        redelivery and re-send window (``core.retention.inbox_horizon_floor``) is refused
+        unless ``force``.
         """
+        problem = inbox_horizon_problem(older_than, self.horizon_floor)
+        if problem and not force:
+            raise JetStreamBridgeError(problem)
+        if consumer is not None and "consumer" not in self.names:
+            raise JetStreamBridgeError(
+                f"{self.model._meta.label} has no consumer column: a purge for one durable "
+                "cannot tell its rows apart; purge without a consumer"
+            )
         cutoff = timezone.now() - timedelta(seconds=older_than)
         doomed = models.Q(status=InboxStatus.PROCESSED) & self._older(cutoff, PROCESSED_AGE)
         if include_failed:
             doomed |= models.Q(status=InboxStatus.FAILED) & self._older(cutoff, FAILED_AGE)
         queryset = self.manager.filter(doomed)
-        if consumer is not None and "consumer" in self.names:
+        if consumer is not None:
             queryset = queryset.filter(consumer=consumer)
         return delete_in_batches(queryset, batch_size=batch_size, dry_run=dry_run)
+
+    @property
+    def horizon_floor(self) -> float:
+        """Seconds within which the bridge itself may bring a handled event back."""
+        config = self.config
+        return inbox_horizon_floor(
+            duplicate_window=config.duplicate_window,
+            ack_wait=config.ack_wait,
+            max_deliver=config.max_deliver,
+            backoff=config.backoff,
+        )
 
     def _older(self, cutoff: datetime, columns: Sequence[str]) -> models.Q:
         """Rows whose first set column among ``columns`` is before ``cutoff``."""

@@ -58,7 +58,7 @@ if ENABLED:
     )
     CONSUMED = Counter(
         "consumed",
-        "Messages settled by a consumer: processed, duplicate, retried or dead_lettered.",
+        "Messages settled by a consumer: processed, duplicate, skipped, retried or dead_lettered.",
         ["consumer", "outcome"],
         namespace=NAMESPACE,
     )
@@ -90,7 +90,7 @@ def relayed(sent: int, failed: int) -> None:
 
 
 def consumed(consumer: str, outcome: str) -> None:
-    """Count one settled message: ``processed``, ``duplicate`` or ``retried``."""
+    """Count one settled message: ``processed``, ``duplicate``, ``skipped`` or ``retried``."""
     if ENABLED:
         CONSUMED.labels(consumer, outcome).inc()
 

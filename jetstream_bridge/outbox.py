@@ -18,6 +18,7 @@ from django.db import IntegrityError, connections, models, router, transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
+from .core.errors import JetStreamBridgeError
 from .core.settings import BridgeConfig, Problem
 from .exceptions import ConfigurationError
 from .models import OutboxStatus, field_names, outbox_due
@@ -326,11 +327,17 @@ class OutboxStore:
     ) -> Purged:
         """Delete sent rows older than ``older_than`` seconds, in batches (``purge.py``).
 
-        A row's age is its ``sent_at``; unsent rows are kept however old they are.
+        A row's age is its ``sent_at`` (a model without one is refused); unsent rows are kept
+        however old they are.
         """
-        sent = self.manager.filter(status=OutboxStatus.SENT)
-        if "sent_at" in self.names:
-            sent = sent.filter(sent_at__lt=timezone.now() - timedelta(seconds=older_than))
+        if "sent_at" not in self.names:
+            raise JetStreamBridgeError(
+                f"{self.model._meta.label} has no sent_at column: the purge cannot tell a sent "
+                "row's age; add sent_at = DateTimeField(null=True)"
+            )
+        sent = self.manager.filter(
+            status=OutboxStatus.SENT, sent_at__lt=timezone.now() - timedelta(seconds=older_than)
+        )
         return delete_in_batches(sent, batch_size=batch_size, dry_run=dry_run)
 
     def backlog(self) -> dict[str, Any]:

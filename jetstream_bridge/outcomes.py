@@ -7,14 +7,17 @@ then asks ``Decisions`` what a failure means; ``consumer.Consumer`` settles the 
 from __future__ import annotations
 
 import enum
+import logging
 import re
 from dataclasses import dataclass, field
 
-from .core.dead_letter import MAX_DELIVER, DeadLetter
+from .core.dead_letter import MAX_DELIVER, DeadLetter, replay_target, signing_key
 from .core.envelope import decode
 from .core.errors import MalformedEnvelope
 from .core.retry import RetryPolicy
 from .core.settings import BridgeConfig
+
+logger = logging.getLogger(__name__)
 
 # How long a message waits before coming back when its batch failed on the database.
 DATABASE_RETRY_DELAY = 1.0
@@ -50,7 +53,8 @@ class Verdict(enum.Enum):
 class Outcome:
     """What becomes of ``message``: its verdict, the retry ``delay``, or the ``dead`` letter.
 
-    ``duplicate`` marks an ack for a message the inbox had already processed.
+    ``duplicate`` marks an ack for a message the inbox had already processed; ``skipped`` an
+    ack, without handler or inbox row, for a replay meant for another durable.
     """
 
     message: ReceivedMessage
@@ -58,6 +62,12 @@ class Outcome:
     delay: float = 0.0
     dead: DeadLetter | None = None
     duplicate: bool = False
+    skipped: bool = False
+
+    @property
+    def applied(self) -> bool:
+        """Tell whether the event is handled for this durable (now or before)."""
+        return self.verdict is Verdict.ACK and not self.skipped
 
 
 def dead_letter(
@@ -104,6 +114,26 @@ class Decisions:
 
     def __init__(self, config: BridgeConfig) -> None:
         self.policy = RetryPolicy(config.max_deliver, config.backoff)
+        self.replay_key = signing_key(config.dlq_signing_key)
+
+    def replay_for_another(self, message: ReceivedMessage) -> Outcome | None:
+        """Return an ack without handling for a replay meant for another durable, else ``None``.
+
+        ``jetstream_dlq replay`` marks a replay with the durable that dead-lettered it
+        (``Jsb-Replay-For``); a mark that does not hold (``core.dead_letter.replay_target``)
+        is ignored and the message handled as any other, so a forged one cannot make a
+        durable drop an event.
+        """
+        target, ignored = replay_target(message.headers, message.data, self.replay_key)
+        if ignored:
+            logger.warning(
+                "%s: handled as usual",
+                ignored,
+                extra={"durable": message.consumer, "stream_seq": message.stream_seq},
+            )
+        if target is None or target == message.consumer:
+            return None
+        return Outcome(message, Verdict.ACK, skipped=True)
 
     def failed(
         self,

@@ -233,7 +233,7 @@ class BatchProcessor:
                 seen = seen or seen_seqs.get((item.message.stream, item.message.stream_seq))
                 outcome = self._process_item(batch, replace(item, seen=seen))
                 outcomes.append(outcome)
-                if item.event is not None and inbox is not None and outcome.verdict is Verdict.ACK:
+                if item.event is not None and inbox is not None and outcome.applied:
                     # The same event twice in one batch: the second is a duplicate, whether
                     # the first created the inbox row or turned an earlier failure around.
                     seen_ids[item.event["event_id"]] = Seen(
@@ -244,16 +244,14 @@ class BatchProcessor:
         return outcomes
 
     def _process_item(self, batch: _Pass, item: _Item) -> Outcome:
+        if (skipped := self.decisions.replay_for_another(item.message)) is not None:
+            return skipped  # a replay for another durable: acked, not handled
         if item.seen is not None and item.seen.status == InboxStatus.PROCESSED:
             return Outcome(item.message, Verdict.ACK, duplicate=True)
         if item.event is None:
             assert item.error is not None
             return self._fail(batch, item, item.error, reason=dead_letter.MALFORMED)
-        fn = self.handler or self.registry.resolve(
-            item.event["resource_type"],
-            item.event["event_type"],
-            producer_of(item.message.subject, self.config.env, self.config.app_name),
-        )
+        fn = self.handler or _registered(self.registry, item, self.config)
         if fn is None:
             missing = LookupError(
                 f"no handler registered for "
@@ -432,6 +430,13 @@ class _RedoWithSavepoints(Exception):
         super().__init__(index, error)
         self.index = index
         self.error = error
+
+
+def _registered(registry: HandlerRegistry, item: _Item, config: BridgeConfig) -> Handler | None:
+    """The registry's handler for ``item``; its producer is read from the delivery subject."""
+    assert item.event is not None
+    producer = producer_of(item.message.subject, config.env, config.app_name)
+    return registry.resolve(item.event["resource_type"], item.event["event_type"], producer)
 
 
 def _seen(

@@ -11,12 +11,19 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from .broker import Connection, ConsumerInfo, StreamInfo
 from .core.errors import JetStreamApiError, TopologyError
 from .core.settings import BridgeConfig
-from .core.stream_plan import SettingsPlan, fixed_advice, limits_problem, plan_settings
+from .core.stream_plan import (
+    Holding,
+    SettingsPlan,
+    fixed_advice,
+    limits_problem,
+    plan_settings,
+)
 from .core.subjects import covers
 from .core.topology_plan import (
     ERR_CONSUMER_EXISTS,
@@ -31,6 +38,7 @@ from .core.topology_plan import (
     plan_subjects,
     stream_config,
 )
+from .dlq_stream import ensure_dlq_stream_async
 from .stream_audit import audit_streams_async
 
 logger = logging.getLogger(__name__)
@@ -90,7 +98,7 @@ class _Plan:
 
     @property
     def changes(self) -> bool:
-        return bool(self.subjects.add or self.settings.apply)
+        return bool(self.subjects.add or self.settings.writes)
 
     def body(self, config: BridgeConfig) -> dict[str, Any]:
         """Return the config to create the stream with, or to update it to."""
@@ -103,13 +111,36 @@ class _Plan:
         return self.settings.updated(self.info.config.raw, subjects)
 
 
-async def _plan(conn: Connection, config: BridgeConfig, *, take_over: bool) -> _Plan:
+@dataclass(frozen=True)
+class _Limits:
+    """How an ensure treats the stream's limits (``core/stream_plan.py``)."""
+
+    enforce: bool = True  # False: subjects only (a consumer's or a relay's own ensure)
+    take_over: bool = False
+    allow_discard: bool = False
+
+
+def _holding(info: StreamInfo) -> Holding:
+    first = info.state.first_time
+    age = (datetime.now(timezone.utc) - first).total_seconds() if first else None
+    return Holding(messages=info.state.messages, bytes=info.state.bytes, oldest_age=age)
+
+
+async def _plan(conn: Connection, config: BridgeConfig, limits: _Limits) -> _Plan:
     wanted = desired_subjects(config)
     info = await conn.jsm.stream_info(config.stream_name)
     own = list(info.config.subjects) if info else []
     collisions = await _colliding_streams(conn, wanted, config.stream_name)
-    settings = plan_settings(config, info.config.raw, take_over=take_over) if info else None
-    return _Plan(info, plan_subjects(wanted, own, collisions), settings or SettingsPlan())
+    settings = SettingsPlan()
+    if info is not None and limits.enforce:
+        settings = plan_settings(
+            config,
+            info.config.raw,
+            take_over=limits.take_over,
+            holding=_holding(info),
+            allow_discard=limits.allow_discard,
+        )
+    return _Plan(info, plan_subjects(wanted, own, collisions), settings)
 
 
 def _describe_settings(report: TopologyReport, plan: SettingsPlan) -> None:
@@ -122,6 +153,16 @@ def _describe_settings(report: TopologyReport, plan: SettingsPlan) -> None:
         advice = fixed_advice(report.stream, difference)
         report.add("cannot-change", report.stream, advice, change=True)
         logger.warning("stream %s: %s", report.stream, advice, extra={"stream": report.stream})
+    for held in plan.held:
+        report.add("held", report.stream, str(held), change=True)
+        logger.warning("stream %s: %s", report.stream, held, extra={"stream": report.stream})
+    for setting in plan.claimed:
+        report.add(
+            "record-owner",
+            report.stream,
+            f"{setting.field} already as {setting.key} says; recorded as enforced by this app",
+            change=False,
+        )
 
 
 def _describe(report: TopologyReport, plan: SubjectPlan, *, stream_exists: bool) -> None:
@@ -146,10 +187,10 @@ async def _ensure_stream(
     report: TopologyReport,
     *,
     dry_run: bool,
-    take_over: bool = False,
+    limits: _Limits,
 ) -> SubjectPlan:
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        whole = await _plan(conn, config, take_over=take_over)
+        whole = await _plan(conn, config, limits)
         info, plan = whole.info, whole.subjects
         if attempt == 1:
             _describe(report, plan, stream_exists=info is not None)
@@ -191,7 +232,7 @@ async def _ensure_stream(
         # Updates are last-writer-wins: another process may have replaced our subject list,
         # so re-read until every subject we need is covered here or owned elsewhere.
         await asyncio.sleep(random.uniform(0.01, 0.05) * attempt)
-    plan = (await _plan(conn, config, take_over=take_over)).subjects
+    plan = (await _plan(conn, config, limits)).subjects
     if plan.add:
         logger.error(
             "stream %s did not converge after %d attempts; missing %s",
@@ -355,27 +396,35 @@ async def _update_consumer(
         )
 
 
-async def ensure_topology_async(
+async def ensure_topology_async(  # noqa: PLR0913 - public, keyword-only
     conn: Connection,
     config: BridgeConfig,
     *,
     durable: str | None = None,
     dry_run: bool = False,
     take_over: bool = False,
+    allow_discard: bool = False,
+    limits: bool = True,
     peers: Sequence[str] | None = None,
 ) -> TopologyReport:
-    """Make the stream (and, with ``durable``, the consumers) match the settings.
+    """Make the stream, the DLQ's own stream (``dlq_stream``) and, with ``durable``, the
+    consumers match the settings.
 
     ``durable`` names the consumer of the default peer; every other peer (of ``peers``, by
     default all of DESTINATION_APP) gets its own durable (``core/topology_plan.peer_durable``).
 
     With ``dry_run`` nothing is changed and the report says what would be. A stream limit
     another app enforces with another value is reported, not overwritten, unless
-    ``take_over`` (see ``core/stream_plan.py``). ``report.warnings`` lists what the streams
-    holding our subjects do that settings cannot fix (``stream_audit``).
+    ``take_over``; one that would delete stored messages is held back unless
+    ``allow_discard`` (see ``core/stream_plan.py``). ``limits=False`` leaves the stream's
+    limits alone (subjects and the consumer only): what a consumer does at start. The report's
+    ``warnings`` list what the streams holding our subjects do that settings cannot fix
+    (``stream_audit``).
     """
     report = TopologyReport(stream=config.stream_name, applied=not dry_run)
-    await _ensure_stream(conn, config, report, dry_run=dry_run, take_over=take_over)
+    policy = _Limits(enforce=limits, take_over=take_over, allow_discard=allow_discard)
+    await _ensure_stream(conn, config, report, dry_run=dry_run, limits=policy)
+    await ensure_dlq_stream_async(conn, config, report, dry_run=dry_run, limits=limits)
     if durable:
         await _refuse_reordered_peers(conn, config, durable, report)
         for peer, name in peer_durables(config, durable, peers).items():
@@ -390,6 +439,7 @@ def ensure_topology(
     durable: str | None = None,
     dry_run: bool = False,
     take_over: bool = False,
+    allow_discard: bool = False,
     peers: Sequence[str] | None = None,
 ) -> TopologyReport:
     """Sync twin of ``ensure_topology_async`` on the shared connection and current settings."""
@@ -399,6 +449,12 @@ def ensure_topology(
     config = get_config()
     return get_runtime().call(
         lambda conn: ensure_topology_async(
-            conn, config, durable=durable, dry_run=dry_run, take_over=take_over, peers=peers
+            conn,
+            config,
+            durable=durable,
+            dry_run=dry_run,
+            take_over=take_over,
+            allow_discard=allow_discard,
+            peers=peers,
         )
     )

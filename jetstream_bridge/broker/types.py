@@ -11,9 +11,10 @@ from __future__ import annotations
 import base64
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from ..core.durations import NANOS_PER_SECOND, to_nanos
+from ..core.durations import NANOS_PER_SECOND, parse_server_time, to_nanos
 
 
 def _seconds(nanos: Any) -> float:
@@ -125,10 +126,12 @@ class StreamState:
     last_seq: int = 0
     consumer_count: int = 0
     subjects: dict[str, int] = field(default_factory=dict)
+    first_time: datetime | None = None  # when the first stored message was stored
 
     @classmethod
     def from_response(cls, state: Mapping[str, Any]) -> StreamState:
         return cls(
+            first_time=parse_server_time(state.get("first_ts")) if state.get("messages") else None,
             messages=int(state.get("messages", 0)),
             bytes=int(state.get("bytes", 0)),
             first_seq=int(state.get("first_seq", 0)),

@@ -36,6 +36,8 @@ FAILED_AT = f"{PREFIX}Failed-At"
 EVENT_ID = f"{PREFIX}Event-Id"
 SIGNATURE = f"{PREFIX}Signature"  # HMAC-SHA256 of the letter, when DLQ_SIGNING_KEY is set
 REPLAY_OF = f"{PREFIX}Replay-Of"  # set on a replayed message: the DLQ sequence it came from
+REPLAY_FOR = f"{PREFIX}Replay-For"  # on a targeted replay: the one durable that handles it
+REPLAY_SIGNATURE = f"{PREFIX}Replay-Signature"  # HMAC of a targeted replay, with a signing key
 
 # Why a message was dead-lettered.
 MALFORMED = "malformed"  # not an envelope: never retried
@@ -57,6 +59,9 @@ MAX_ERROR_LENGTH = 1000
 # JetStream sequences and delivery counts are unsigned 64-bit numbers.
 MAX_COUNT = 2**64 - 1
 _COUNT = re.compile(r"[0-9]{1,20}")
+# The message id replay gives a republished letter: its DLQ sequence and 128 random bits.
+_REPLAY_ID = re.compile(r"replay:[0-9]{1,20}:[0-9a-f]{32}")
+REPLAY_SIGNATURE_VERSION = "replay-v1"
 
 # The headers a signature covers, in the order they are signed. The message id is left out:
 # it is the server's dedupe key, not a claim about the failure.
@@ -135,6 +140,66 @@ def verification(headers: Mapping[str, str], body: bytes, key: bytes | None) -> 
     if claimed and hmac.compare_digest(claimed, sign(headers, body, key)):
         return VERIFIED
     return UNVERIFIED
+
+
+def replay_message_id(dlq_seq: int) -> str:
+    """Return a fresh ``Nats-Msg-Id`` for the replay of the letter at ``dlq_seq``.
+
+    Random, so that nobody can publish under it first and have the server drop the replay.
+    """
+    return f"replay:{dlq_seq}:{nonce()}"
+
+
+def sign_replay(target: str, msg_id: str, body: bytes, key: bytes) -> str:
+    """Return the ``Jsb-Replay-Signature`` binding a replay's target durable, id and body."""
+    canonical = json.dumps(
+        [
+            REPLAY_SIGNATURE_VERSION,
+            target.strip(),
+            msg_id.strip(),
+            hashlib.sha256(body).hexdigest(),
+        ],
+        ensure_ascii=True,
+        separators=(",", ":"),
+    ).encode("ascii")
+    return f"v1={hmac.new(key, canonical, hashlib.sha256).hexdigest()}"
+
+
+def replay_headers(
+    dlq_seq: int, body: bytes, *, target: str | None, key: bytes | None
+) -> dict[str, str]:
+    """Return the headers of a replay: for ``target`` only, or for every durable (``None``)."""
+    msg_id = replay_message_id(dlq_seq)
+    headers = {MSG_ID_HEADER: msg_id, REPLAY_OF: str(dlq_seq)}
+    if target:
+        headers[REPLAY_FOR] = _header_value(target)
+        if key:
+            headers[REPLAY_SIGNATURE] = sign_replay(headers[REPLAY_FOR], msg_id, body, key)
+    return headers
+
+
+def replay_target(
+    headers: Mapping[str, str], body: bytes, key: bytes | None
+) -> tuple[str | None, str | None]:
+    """Return ``(durable, None)`` when a message is a replay meant for ``durable`` only.
+
+    ``(None, why)`` when it carries ``Jsb-Replay-For`` that must not be honoured, and
+    ``(None, None)`` when it carries none: either way every durable handles it. The header
+    comes from the wire, so it counts only on a message whose ``Nats-Msg-Id`` has the form
+    replay gives (an event published under its own id is never skipped) and, with a key,
+    whose ``Jsb-Replay-Signature`` binds target, id and body.
+    """
+    target = (headers.get(REPLAY_FOR) or "").strip()
+    if not target:
+        return None, None
+    msg_id = (headers.get(MSG_ID_HEADER) or "").strip()
+    if not _REPLAY_ID.fullmatch(msg_id):
+        return None, f"{REPLAY_FOR} on a message whose {MSG_ID_HEADER} is not a replay's"
+    if key:
+        claimed = (headers.get(REPLAY_SIGNATURE) or "").strip()
+        if not (claimed and hmac.compare_digest(claimed, sign_replay(target, msg_id, body, key))):
+            return None, f"{REPLAY_FOR} without a valid {REPLAY_SIGNATURE} for DLQ_SIGNING_KEY"
+    return target, None
 
 
 @dataclass(frozen=True)
@@ -290,12 +355,14 @@ def target_problem(subjects: Subjects, subject: str, allowed: Collection[str] = 
 class ReplayPolicy:
     """What a replay may do beyond the default: more target subjects, unverified letters.
 
-    By default a letter is republished only to this app's inbound subject and, when a signing
-    key is configured, only if its signature verifies.
+    By default a letter is republished only to this app's inbound subject, for the durable
+    that dead-lettered it (``Jsb-Replay-For``), and, when a signing key is configured, only if
+    its signature verifies.
     """
 
     subjects: frozenset[str] = frozenset()
     include_unverified: bool = False
+    broadcast: bool = False  # every durable on the subject gets it, not only the letter's
 
     def problem(self, subjects: Subjects, original_subject: str, verification: str) -> str | None:
         """Return why a letter must not be replayed, or ``None`` when it may be."""

@@ -4,11 +4,31 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import datetime, timezone
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 
 NANOS_PER_SECOND = 1_000_000_000
+
+_RFC3339_FRACTION = re.compile(r"\.(\d+)")
+
+
+def parse_server_time(value: object) -> datetime | None:
+    """Parse the server's RFC 3339 timestamp (nanoseconds, ``Z``) into an aware datetime.
+
+    Return ``None`` for anything else: the value comes from the wire.
+    """
+    if not isinstance(value, str) or not value:
+        return None
+    text = value.replace("Z", "+00:00")
+    # Python 3.10's fromisoformat accepts only 3 or 6 fraction digits; the server sends 9.
+    text = _RFC3339_FRACTION.sub(lambda m: "." + m.group(1)[:6].ljust(6, "0"), text, count=1)
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 def parse_duration(value: object) -> float:

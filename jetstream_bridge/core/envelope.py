@@ -117,6 +117,10 @@ def storage_problem(envelope: Mapping[str, Any], data: bytes) -> str | None:
     return None
 
 
+# core.dead_letter.REPLAY_FOR and REPLAY_SIGNATURE: they aim a replay at one durable.
+_REPLAY_ONLY = frozenset({"jsb-replay-for", "jsb-replay-signature"})
+
+
 def header_problem(name: object, value: object) -> str | None:
     """Return why ``name: value`` cannot travel as a message header unchanged, or ``None``.
 
@@ -131,6 +135,8 @@ def header_problem(name: object, value: object) -> str | None:
         )
     if name.lower().startswith("nats-"):
         return f"header name {name!r} is reserved for the NATS server (Nats-*)"
+    if name.lower() in _REPLAY_ONLY:
+        return f"header name {name!r} is set only by `jetstream_dlq replay`"
     if not isinstance(value, str):
         return f"header {name!r} must be a string, got {type(value).__name__}"
     if value != value.strip() or _has_control_characters(value):

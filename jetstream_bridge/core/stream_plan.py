@@ -4,10 +4,17 @@ Ownership, when several services share one stream: a setting the user left unset
 touched on an existing stream (its default is used only to create the stream); a setting the
 user gave is enforced, and the value enforced is recorded in the stream's ``metadata`` under
 ``jetstream_bridge.<field>.owner`` (the ``APP_NAME``) and ``jetstream_bridge.<field>.value``.
-When another app recorded a different value and the server still holds it, that is a conflict:
-reported, not overwritten (unless ``take_over``). A server value that no longer matches what
-its owner recorded was reset by someone who writes no metadata (a partial update): drift,
-applied again.
+When another app recorded a different value, that is a conflict: reported, not overwritten
+(unless ``take_over``) — also when the server lost the owner's value to someone who writes no
+metadata (a partial update): that drift is the owner's to re-apply, not the next app's to claim.
+A given value the server already holds, with no owner recorded, is claimed (metadata only), so
+the first app to agree with a stream owns its limit. A partial update that drops ``metadata``
+altogether erases ownership: the next ensure of any app that gives the key re-applies its value
+and owns it.
+
+A limit that would discard messages the stream holds now (a smaller ``max_bytes`` than it
+stores, a ``max_age`` younger than its oldest message) is held back unless ``allow_discard``:
+the server would delete them at once, other apps' unconsumed events included.
 
 Retention and storage are never changed here: the answer says what differs and what to do.
 """
@@ -141,54 +148,124 @@ class Conflict:
 
 
 @dataclass(frozen=True)
+class Held:
+    """A limit held back because applying it would delete messages the stream holds now."""
+
+    difference: Difference
+    loss: str
+
+    def __str__(self) -> str:
+        setting = self.difference.setting
+        return (
+            f"{self.difference} would delete {self.loss} at once, other apps' unconsumed "
+            f"events included; not applied. Check that nothing still needs them, then run "
+            f"`manage.py jetstream_ensure_topology --allow-discard`, or leave {setting.key} "
+            "unset"
+        )
+
+
+@dataclass(frozen=True)
+class Holding:
+    """What the stream stores now: enough to tell whether a tighter limit deletes messages."""
+
+    messages: int = 0
+    bytes: int = 0
+    oldest_age: float | None = None  # seconds since the first stored message
+
+
+@dataclass(frozen=True)
 class SettingsPlan:
     """What to do with the stream's managed settings."""
 
     apply: tuple[Difference, ...] = ()
     conflicts: tuple[Conflict, ...] = ()
     fixed: tuple[Difference, ...] = ()
+    held: tuple[Held, ...] = ()
+    claimed: tuple[StreamSetting, ...] = ()  # already right; ownership recorded only
     metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def writes(self) -> bool:
+        """Whether the stream's config (limits or ownership records) must be updated."""
+        return bool(self.apply or self.claimed)
 
     def updated(self, raw: Mapping[str, Any], subjects: list[str]) -> dict[str, Any]:
         """Return the server's full config with the subjects and the applied fields changed."""
         body = {**raw, "subjects": list(subjects)}
         for difference in self.apply:
             body[difference.setting.field] = difference.want
-        if self.apply:
+        if self.writes:
             body["metadata"] = self.metadata
         return body
 
 
 def _claim(difference: Difference, metadata: Mapping[str, str], app: str) -> str | None:
-    """Return the other app that still enforces the server's value, if any."""
+    """Return the other app that recorded another value for this field, if any."""
     setting = difference.setting
     owner = metadata.get(setting.owner_key)
-    if owner and owner != app and metadata.get(setting.value_key) == str(difference.have):
+    if owner and owner != app and metadata.get(setting.value_key) != str(difference.want):
         return owner
     return None
 
 
+def discarded(difference: Difference, holding: Holding) -> str | None:
+    """Say what applying ``difference`` would delete from the stream now, if anything."""
+    field_name, want = difference.setting.field, int(difference.want)
+    if field_name == "max_bytes" and 0 <= want < holding.bytes:
+        return f"about {format_bytes(holding.bytes - want)} of the {holding.messages} messages"
+    age = holding.oldest_age
+    if field_name == "max_age" and want and age is not None and age * NANOS_PER_SECOND > want:
+        return f"the messages older than {format_duration(want / NANOS_PER_SECOND)}"
+    return None
+
+
 def plan_settings(
-    config: BridgeConfig, raw: Mapping[str, Any], *, take_over: bool = False
+    config: BridgeConfig,
+    raw: Mapping[str, Any],
+    *,
+    take_over: bool = False,
+    holding: Holding | None = None,
+    allow_discard: bool = False,
 ) -> SettingsPlan:
     """Compare the server's config ``raw`` with the settings the user gave."""
     metadata = dict(raw.get("metadata") or {})
-    apply, conflicts, fixed = [], [], []
+    apply: list[Difference] = []
+    conflicts: list[Conflict] = []
+    fixed: list[Difference] = []
+    held: list[Held] = []
+    claimed: list[StreamSetting] = []
     for setting in (*MANAGED, *FIXED):
         if setting.key not in config.explicit:
             continue  # unset: the stream's value stands
         difference = Difference(setting, server_value(raw, setting), wanted_value(config, setting))
-        if difference.have == difference.want:
-            continue
         if setting in FIXED:
-            fixed.append(difference)
-        elif (owner := _claim(difference, metadata, config.app_name)) and not take_over:
-            conflicts.append(Conflict(difference, owner, config.app_name))
-        else:
-            apply.append(difference)
-            metadata[setting.owner_key] = config.app_name
-            metadata[setting.value_key] = str(difference.want)
-    return SettingsPlan(tuple(apply), tuple(conflicts), tuple(fixed), metadata)
+            if difference.have != difference.want:
+                fixed.append(difference)
+            continue
+        owner = _claim(difference, metadata, config.app_name)
+        if owner and not take_over:
+            if difference.have != difference.want:
+                conflicts.append(Conflict(difference, owner, config.app_name))
+            continue
+        if difference.have == difference.want:
+            if metadata.get(setting.owner_key) is None:
+                claimed.append(setting)
+                _record(metadata, setting, config.app_name, difference.want)
+            continue
+        loss = None if allow_discard else discarded(difference, holding or Holding())
+        if loss:
+            held.append(Held(difference, loss))
+            continue
+        apply.append(difference)
+        _record(metadata, setting, config.app_name, difference.want)
+    return SettingsPlan(
+        tuple(apply), tuple(conflicts), tuple(fixed), tuple(held), tuple(claimed), metadata
+    )
+
+
+def _record(metadata: dict[str, str], setting: StreamSetting, app: str, value: Any) -> None:
+    metadata[setting.owner_key] = app
+    metadata[setting.value_key] = str(value)
 
 
 def creation_metadata(config: BridgeConfig) -> dict[str, str]:
@@ -210,8 +287,10 @@ def fixed_advice(stream: str, difference: Difference) -> str:
     )
     if setting.field == "retention" and {have, want} == {"limits", "interest"}:
         how = (
-            f" The server allows this one switch in place: `nats stream edit {stream} "
-            f"--retention {want}`"
+            f" The server allows this one switch in place (natscli's `stream edit` has no "
+            f"retention flag, so edit the config): `nats stream info {stream} --json | jq "
+            f'.config > {stream}.json`, set "retention": "{want}" in it, then '
+            f"`nats stream edit {stream} --config {stream}.json`"
             + (
                 " (switching to interest deletes at once every message no consumer still needs)."
                 if want == "interest"
@@ -224,12 +303,18 @@ def fixed_advice(stream: str, difference: Difference) -> str:
             f" JetStream fixes {setting.field} when a stream is created. To move: stop the "
             f"relays and consumers using {stream}; `nats stream backup {stream} ./{stream}-backup`;"
             f" create a stream with {setting.field} {want} that sources {stream} "
-            f"(`nats stream add {stream}_NEW --{setting.field} {want} --source {stream}`) and "
+            f"(`nats stream add {stream}_NEW --{setting.field} {_cli_value(want)} --source "
+            f"{stream}`) and "
             f"wait until it holds every message; set STREAM_NAME to {stream}_NEW; delete "
             f"{stream} only when you no longer need it; then run "
             "`manage.py jetstream_ensure_topology` so the new stream takes the subjects."
         )
     return f"{head}{how} Or leave {setting.key} unset to accept the stream as it is."
+
+
+def _cli_value(value: str) -> str:
+    """natscli spells the workqueue retention ``work``."""
+    return "work" if value == "workqueue" else value
 
 
 def limits_problem(body: Mapping[str, Any]) -> str | None:

@@ -39,8 +39,9 @@ class SubjectPlan:
 
 
 def desired_subjects(config: BridgeConfig) -> list[str]:
+    """The subjects the events' stream should capture (the DLQ only when it is shared)."""
     subjects = [config.subjects.publish, config.subjects.subscribe]
-    if config.use_dlq:
+    if config.use_dlq and not config.separate_dlq_stream:
         subjects.append(config.subjects.dlq)
     for subject in subjects:
         if is_reserved(subject):  # settings validation makes this unreachable; belt and braces
@@ -143,6 +144,43 @@ def foreign_filter_problem(
                 "after it."
             )
     return None
+
+
+def dlq_stream_config(config: BridgeConfig) -> dict[str, Any]:
+    """The full config for the DLQ's own stream: only the DLQ subject, its own limits.
+
+    ``discard: old`` so that, at ``DLQ_MAX_BYTES``, the oldest dead letters make room and the
+    consumer's DLQ publish never fails for lack of space.
+    """
+    return {
+        "name": config.dlq_stream_name,
+        "subjects": [config.subjects.dlq],
+        "retention": "limits",
+        "storage": config.stream_storage,
+        "num_replicas": config.stream_replicas,
+        "max_age": to_nanos(config.dlq_max_age) if config.dlq_max_age else 0,
+        "max_bytes": config.dlq_max_bytes or -1,
+        "max_msgs": -1,
+        "max_msg_size": -1,
+        "discard": "old",
+        "duplicate_window": to_nanos(config.duplicate_window),
+        "allow_direct": True,
+    }
+
+
+def dlq_limit_differences(config: BridgeConfig, max_age: float, max_bytes: int) -> list[str]:
+    """Return ``"field: server -> wanted"`` for each DLQ stream limit that differs.
+
+    ``DLQ_MAX_BYTES`` left unset leaves the server's byte limit alone.
+    """
+    want_age = config.dlq_max_age or 0.0
+    differences = []
+    if abs(max_age - want_age) > 1e-6:
+        differences.append(f"max_age: {max_age:g}s -> {want_age:g}s")
+    want_bytes = config.dlq_max_bytes
+    if want_bytes is not None and max_bytes != want_bytes:
+        differences.append(f"max_bytes: {max_bytes} -> {want_bytes}")
+    return differences
 
 
 def consumer_config(config: BridgeConfig, durable: str, filter_subject: str) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def health_lines(report: HealthReport) -> list[str]:
         lines += [f"  - {problem}" for problem in report.problems]
     if report.warnings:
         lines.append("warnings")
-        lines += [f"  - {warning}" for warning in report.warnings]
+        lines += [f"  - {printable(warning)}" for warning in report.warnings]
     return lines
 
 

@@ -158,7 +158,8 @@ def test_browser__screenshots_of_the_status_page_and_outbox_list(
     from jetstream_bridge.conf import get_config
 
     config = get_config()
-    nats(lambda c: _drop_stream(c, config.stream_name))  # left over by an external server
+    for name in (config.stream_name, config.dlq_stream_name):  # left by an external server
+        nats(lambda c, name=name: _drop_stream(c, name))
     ensure_topology(durable="orders-from-billing")
     try:
         _lived_in(config)
@@ -181,7 +182,8 @@ def test_browser__screenshots_of_the_status_page_and_outbox_list(
         for name in ("admin-status.png", "admin-outbox.png"):
             assert (out / name).stat().st_size > 10_000
     finally:
-        nats(lambda c: _drop_stream(c, config.stream_name))
+        for name in (config.stream_name, config.dlq_stream_name):
+            nats(lambda c, name=name: _drop_stream(c, name))
 
 
 async def _drop_stream(conn: Connection, name: str) -> None:

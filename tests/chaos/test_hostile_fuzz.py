@@ -216,7 +216,7 @@ def test_chaos__hostile_envelopes_never_stop_a_consumer_nor_sink_good_events(
 
     letters = {
         int(m.headers[dead_letter.STREAM_SEQ]): m.headers
-        for m in read_stream(config.stream_name)
+        for m in read_stream(config.dlq_stream_name)
         if m.subject == config.subjects.dlq
     }
     applied = Counter(effect_ids())

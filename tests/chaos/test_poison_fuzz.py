@@ -209,7 +209,7 @@ def test_chaos__poison_and_fuzzed_messages_end_processed_or_dead_lettered(
 
     letters = {
         int(m.headers[dead_letter.STREAM_SEQ]): m.headers
-        for m in read_stream(config.stream_name)
+        for m in read_stream(config.dlq_stream_name)
         if m.subject == config.subjects.dlq
     }
     applied = Counter(effect_ids())

@@ -262,11 +262,12 @@ def test_admin__status_page_shows_stream_consumer_lag_dlq_depth_and_backlog(
     assert response.status_code == 200
     report = response.context["report"]
     assert report.connected
-    assert (report.stream.name, report.stream.messages) == (bridge.stream_name, 4)
+    # The dead letter is in the DLQ's own stream, not among the events.
+    assert (report.stream.name, report.stream.messages) == (bridge.stream_name, 3)
     assert bridge.subjects.subscribe in report.stream.subjects
     [consumer] = report.consumers
     assert (consumer.durable, consumer.num_pending, consumer.lag) == (DURABLE, 3, 3)
-    assert report.dlq.messages == 1
+    assert (report.dlq.stream, report.dlq.messages) == (bridge.dlq_stream_name, 1)
     assert report.outbox.counts == {"failed": 1, "sent": 1}
     assert report.outbox.oldest_unsent_age > 0
     page = response.content.decode()

@@ -43,7 +43,7 @@ def consume(handler: Any, *, durable: str = DURABLE, **kwargs: Any) -> Any:
 
 
 def dead_letters(config: Any) -> list[Any]:
-    return [m for m in stream_messages(config.stream_name) if m.subject == config.subjects.dlq]
+    return [m for m in stream_messages(config.dlq_stream_name) if m.subject == config.subjects.dlq]
 
 
 def effects() -> list[str]:

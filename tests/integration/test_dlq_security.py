@@ -137,8 +137,22 @@ def test_replay__forged_letters_for_other_subjects_go_only_where_the_operator_na
     assert nats(lambda c: c.jsm.stream_info(f"{bridge.env}-ledger")).state.messages == 0
     assert dlq.depth().messages == 2
 
-    only_one = manage(
+    # The letters name this app's durable, which reads neither subject: a replay for it alone
+    # would reach nobody, so it is refused until the operator asks for every durable there.
+    for_nobody = manage(
         "jetstream_dlq", "replay", "--to-subject", bridge.subjects.publish, env=subprocess_env
+    )
+    assert f"not replayed {to_outbound}: no durable '{DURABLE}'; use --broadcast" in (
+        for_nobody.stderr
+    )
+    assert replay_copies(bridge.stream_name) == {}
+    only_one = manage(
+        "jetstream_dlq",
+        "replay",
+        "--broadcast",
+        "--to-subject",
+        bridge.subjects.publish,
+        env=subprocess_env,
     )
     assert only_one.returncode == 1  # the other one is still refused
     assert f"replayed {to_outbound} -> stream sequence" in only_one.stdout
@@ -146,7 +160,9 @@ def test_replay__forged_letters_for_other_subjects_go_only_where_the_operator_na
     assert (copy.subject, copy.data) == (bridge.subjects.publish, outbound_body)
     assert json.loads(copy.data)["event_id"] == outbound_id
 
-    named = manage("jetstream_dlq", "replay", "--to-subject", other, env=subprocess_env)
+    named = manage(
+        "jetstream_dlq", "replay", "--broadcast", "--to-subject", other, env=subprocess_env
+    )
     assert named.returncode == 0, named.stderr
     [stored] = stream_messages(f"{bridge.env}-ledger")
     assert (stored.subject, stored.data) == (other, other_body)
@@ -247,8 +263,9 @@ def test_dead_letters__predictable_ids_published_first_do_not_silence_them(bridg
     stream = bridge.stream_name
     last = nats(lambda c: c.jsm.stream_info(stream)).state.last_seq
     count = 10
-    # The attacker's own messages take the next sequences; the real ones follow them.
-    coming = range(last + count + 1, last + 2 * count + 1)
+    # The attacker's letters go to the DLQ's own stream: the real events take the events'
+    # stream's next sequences, which the forged ids name.
+    coming = range(last + 1, last + count + 1)
     for seq in coming:
         forge(
             bridge,

@@ -70,7 +70,7 @@ def test_dlq__list_shows_reason_and_age(bridge: Any, subprocess_env: dict[str, s
     depth, found = dlq.list_dead_letters()
     assert (depth.messages, depth.stream, depth.subject) == (
         2,
-        bridge.stream_name,
+        bridge.dlq_stream_name,
         bridge.subjects.dlq,
     )
     assert [m.seq for m in found] == sorted([rejected, malformed])

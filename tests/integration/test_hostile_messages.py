@@ -51,7 +51,7 @@ def consume(handler: Any, **kwargs: Any) -> Any:
 def letters_by_seq(config: Any) -> dict[int, dict[str, str]]:
     return {
         int(m.headers[dead_letter.STREAM_SEQ]): m.headers
-        for m in stream_messages(config.stream_name)
+        for m in stream_messages(config.dlq_stream_name)
         if m.subject == config.subjects.dlq
     }
 

@@ -6,6 +6,7 @@ Batches are built from ``ReceivedMessage`` values directly; the tests assert the
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from django.db import DatabaseError, OperationalError, connection
 
 from jetstream_bridge.conf import get_config
 from jetstream_bridge.core import dead_letter
+from jetstream_bridge.core.envelope import MSG_ID_HEADER as MSG_ID
 from jetstream_bridge.core.envelope import build_envelope, encode
 from jetstream_bridge.core.errors import RejectMessage
 from jetstream_bridge.handlers import HandlerRegistry
@@ -438,3 +440,83 @@ def test_processing__process_message_is_a_batch_of_one(bridge: Any) -> None:
     assert outcome.dead is not None
     assert outcome.dead.reason == dead_letter.REJECTED
     assert rows()[e["event_id"]].status == "failed"
+
+
+# -- replays meant for one durable ----------------------------------------------------------
+
+
+def replayed(
+    body: dict[str, Any], target: str, *, key: bytes | None = None, **overrides: str
+) -> ReceivedMessage:
+    data = encode(body)
+    headers = {**dead_letter.replay_headers(7, data, target=target, key=key), **overrides}
+    return replace_headers(received(data), headers)
+
+
+def replace_headers(message: ReceivedMessage, headers: dict[str, str]) -> ReceivedMessage:
+    return dataclasses.replace(message, headers=headers)
+
+
+def test_replay_for__another_durable_is_acked_without_handler_or_inbox_row(bridge: Any) -> None:
+    handler = Counting()
+    mine, other = event(n=1), event(n=2)
+    outcomes = processor(handler).process([replayed(mine, DURABLE), replayed(other, "alpha-audit")])
+    assert [(o.verdict, o.skipped) for o in outcomes] == [
+        (Verdict.ACK, False),
+        (Verdict.ACK, True),
+    ]
+    assert handler.runs == {mine["event_id"]: [1]}
+    assert set(rows()) == {mine["event_id"]}
+
+
+def test_replay_for__a_skipped_replay_does_not_mark_its_event_handled_in_the_batch(
+    bridge: Any,
+) -> None:
+    # The replay for another durable and the event itself (say, a redelivery) in one batch:
+    # skipping the first must not make the second look like a duplicate.
+    handler = Counting()
+    body = event(n=1)
+    outcomes = processor(handler).process([replayed(body, "alpha-audit"), received(body)])
+    assert [(o.skipped, o.duplicate) for o in outcomes] == [(True, False), (False, False)]
+    assert handler.runs == {body["event_id"]: [1]}
+    assert rows()[body["event_id"]].status == "processed"
+
+
+@pytest.mark.parametrize(
+    "forgery",
+    [
+        # The event published under its own id with the header added: never a replay.
+        lambda body: {MSG_ID: body["event_id"]},
+        lambda body: {MSG_ID: "replay:7:not-random"},
+        lambda body: {MSG_ID: "replay:7:" + "A" * 32},
+    ],
+)
+def test_replay_for__is_ignored_on_a_message_whose_id_is_not_a_replays(
+    bridge: Any, forgery: Any
+) -> None:
+    handler = Counting()
+    body = event(n=1)
+    [outcome] = processor(handler).process([replayed(body, "alpha-audit", **forgery(body))])
+    assert (outcome.verdict, outcome.skipped) == (Verdict.ACK, False)
+    assert handler.runs == {body["event_id"]: [1]}
+
+
+def test_replay_for__with_a_signing_key_needs_a_valid_signature(bridge: Any, settings: Any) -> None:
+    settings.JETSTREAM_BRIDGE = {**settings.JETSTREAM_BRIDGE, "DLQ_SIGNING_KEY": "k" * 40}
+    key = b"k" * 40
+    handler = Counting()
+    signed, unsigned, wrong_key, other_body = (event(n=n) for n in range(4))
+    tampered = replayed(other_body, "alpha-audit", key=key)
+    tampered = replace_headers(
+        tampered, {**tampered.headers, dead_letter.REPLAY_FOR: "alpha-other"}
+    )
+    outcomes = processor(handler).process(
+        [
+            replayed(signed, "alpha-audit", key=key),
+            replayed(unsigned, "alpha-audit"),
+            replayed(wrong_key, "alpha-audit", key=b"x" * 40),
+            tampered,  # the target changed after signing
+        ]
+    )
+    assert [o.skipped for o in outcomes] == [True, False, False, False]
+    assert sorted(handler.runs) == sorted(e["event_id"] for e in (unsigned, wrong_key, other_body))

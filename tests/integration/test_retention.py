@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from jetstream_bridge.conf import get_config
 from jetstream_bridge.core.envelope import MSG_ID_HEADER, build_envelope, encode
+from jetstream_bridge.core.errors import JetStreamBridgeError
 from jetstream_bridge.inbox import InboxStore
 from jetstream_bridge.models import InboxEvent, InboxStatus, OutboxEvent
 from jetstream_bridge.outbox import OutboxStore
@@ -311,3 +312,35 @@ def test_inbox_purge__an_event_that_comes_back_after_its_row_was_purged_runs_aga
     call_command("jetstream_consume", *run, *idle, stdout=io.StringIO())
 
     assert Effect.objects.filter(event_id=event).count() == 2
+
+
+def test_purge_command__refuses_a_horizon_inside_the_bridges_own_redelivery_window(
+    settings: Any,
+) -> None:
+    # 30s x 5 deliveries plus 1+5+15+30s of backoff: 201s; the duplicate window is 2m.
+    inbox("an-hour-old", InboxStatus.PROCESSED, received=1 / 24, processed=1 / 24)
+    with pytest.raises(CommandError, match=r"shorter than 201s.*--force"):
+        purge("--inbox-processed-after", "60s")
+    assert remaining() == {"an-hour-old"}
+
+    out, _ = purge("--inbox-processed-after", "60s", "--force")
+    assert "inbox: deleted 1 processed row(s)" in out
+    assert remaining() == set()
+
+
+def test_inbox_purge__for_one_consumer_needs_a_consumer_column() -> None:
+    store = InboxStore(get_config())
+    store.names = store.names - {"consumer"}  # as a custom INBOX_MODEL without the column
+    inbox("old", InboxStatus.PROCESSED, received=40, processed=40)
+    with pytest.raises(JetStreamBridgeError, match="no consumer column"):
+        store.purge_processed(30 * DAY, consumer="billing")
+    assert remaining() == {"old"}
+
+
+def test_outbox_purge__refuses_a_model_without_sent_at_instead_of_deleting_every_sent_row() -> None:
+    store = OutboxStore(get_config())
+    store.names = store.names - {"sent_at"}  # as a custom OUTBOX_MODEL without the column
+    outbox_row(get_config(), status="sent")
+    with pytest.raises(JetStreamBridgeError, match="no sent_at column"):
+        store.purge_sent(7 * DAY)
+    assert OutboxEvent.objects.count() == 1

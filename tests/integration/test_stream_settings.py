@@ -43,6 +43,12 @@ def server_config(name: str) -> dict[str, Any]:
     return answer["config"]
 
 
+def stream_state(name: str) -> dict[str, Any]:
+    answer = stream_answer(name)
+    assert answer is not None, f"stream {name} does not exist"
+    return answer["state"]
+
+
 def rewrite_stream(name: str, **changes: Any) -> None:
     """Update the stream as a service that writes no ownership records would."""
     body = {**server_config(name), **changes}
@@ -144,7 +150,7 @@ def test_a_max_age_below_the_servers_duplicate_window__says_what_to_set_and_chan
             "STREAM_RETENTION",
             "limits",
             "retention: interest -> limits cannot be applied",
-            "--retention limits",
+            'set "retention": "limits" in it',
         ),
         (
             {"retention": "workqueue"},
@@ -258,7 +264,7 @@ def test_a_reset_by_a_service_writing_no_metadata_is_drift_and_applied_again(
     assert (after["max_age"], after["duplicate_window"]) == (to_nanos(7 * 86400), to_nanos(600))
 
 
-def test_an_owner_value_reset_without_metadata_is_drift_for_another_app_too(
+def test_an_owner_value_reset_by_a_partial_update_stays_the_owners_to_restore(
     jetstream_bridge: Any, settings: Any
 ) -> None:
     configure(settings, STREAM_MAX_AGE="7d")
@@ -267,10 +273,58 @@ def test_an_owner_value_reset_without_metadata_is_drift_for_another_app_too(
     rewrite_stream(stream, max_age=0)  # metadata still says alpha enforces 7d
     configure(settings, APP_NAME="beta", DESTINATION_APP="alpha", STREAM_MAX_AGE="1d")
     report = ensure_topology()
-    assert not any(a.kind == "conflict" for a in report.actions), report.actions
+    conflicts = [a.detail for a in report.actions if a.kind == "conflict"]
+    assert len(conflicts) == 1, report.actions
+    assert "app 'alpha' enforces" in conflicts[0]
     after = server_config(stream)
-    assert after["max_age"] == to_nanos(86400)
-    assert after["metadata"]["jetstream_bridge.max_age.owner"] == "beta"
+    assert after["max_age"] == 0  # beta did not claim what alpha lost
+    assert after["metadata"]["jetstream_bridge.max_age.owner"] == "alpha"
+    configure(settings, STREAM_MAX_AGE="7d")  # alpha's next ensure restores its value
+    ensure_topology()
+    assert server_config(stream)["max_age"] == to_nanos(7 * 86400)
+
+
+def test_a_matching_value_with_no_owner_is_claimed_so_a_later_app_cannot_silently_change_it(
+    jetstream_bridge: Any, settings: Any
+) -> None:
+    stream = jetstream_bridge.stream_name
+    ensure_topology()  # created with STREAM_MAX_AGE unset: no owner recorded
+    rewrite_stream(stream, max_age=to_nanos(7 * 86400))  # set by hand, as before this release
+    configure(settings, STREAM_MAX_AGE="7d")
+    report = ensure_topology()
+    assert [a.kind for a in report.actions if a.kind == "record-owner"] == ["record-owner"]
+    assert report.in_sync  # recording the owner is not a difference
+    assert server_config(stream)["metadata"]["jetstream_bridge.max_age.owner"] == "alpha"
+    configure(settings, APP_NAME="beta", DESTINATION_APP="alpha", STREAM_MAX_AGE="1d")
+    report = ensure_topology()
+    assert [a.kind for a in report.actions if a.kind == "conflict"] == ["conflict"]
+    assert server_config(stream)["max_age"] == to_nanos(7 * 86400)
+
+
+def test_a_limit_that_would_delete_stored_messages_is_held_back_unless_allowed(
+    jetstream_bridge: Any, settings: Any
+) -> None:
+    from jetstream_bridge import Publisher
+
+    configure(settings, USE_OUTBOX=False)
+    ensure_topology()
+    stream = jetstream_bridge.stream_name
+    for number in range(40):
+        Publisher().publish(resource_type="order", event_type="created", payload={"n": number})
+    stored = stream_state(stream)
+    assert stored["messages"] == 40
+    configure(settings, USE_OUTBOX=False, STREAM_MAX_BYTES=stored["bytes"] // 2)
+    code, out = ensure_command()
+    assert code == 0
+    assert "held" in out
+    assert "would delete about" in out
+    assert "--allow-discard" in out
+    assert stream_state(stream)["messages"] == 40
+    assert ensure_command("--check")[0] == 1
+    code, out = ensure_command("--allow-discard")
+    assert code == 0
+    assert stream_state(stream)["messages"] < 40
+    assert ensure_command("--check")[0] == 0
 
 
 def test_interest_retention_is_reported_by_check_health_admin_and_consumer_start(

@@ -18,8 +18,9 @@ DURABLE = "beta-events"
 
 
 def subjects(config: Any) -> dict[str, str]:
+    """The subjects of the events' stream (dead letters have a stream of their own)."""
     s = config.subjects
-    return {"publish": s.publish, "subscribe": s.subscribe, "dlq": s.dlq}
+    return {"publish": s.publish, "subscribe": s.subscribe}
 
 
 def test_ensure__fresh_server_creates_stream_and_consumer_then_is_a_no_op(
@@ -29,6 +30,10 @@ def test_ensure__fresh_server_creates_stream_and_consumer_then_is_a_no_op(
     first = ensure_topology(durable=DURABLE)
     assert not first.in_sync
     assert sorted(stream_subjects(config.stream_name)) == sorted(subjects(config).values())
+    dlq_stream = stream_answer(config.dlq_stream_name)["config"]
+    assert dlq_stream["subjects"] == [config.subjects.dlq]
+    assert (dlq_stream["retention"], dlq_stream["discard"]) == ("limits", "old")
+    assert (dlq_stream["max_age"], dlq_stream["max_bytes"]) == (to_nanos(30 * 86400), -1)
     info = consumer_answer(config.stream_name, DURABLE)
     assert info["config"]["filter_subject"] == config.subjects.subscribe
     assert info["config"]["ack_policy"] == "explicit"
@@ -150,11 +155,9 @@ def test_ensure__covered_subjects_are_not_added_again(jetstream_bridge: Any) -> 
         )
     )
     report = ensure_topology()
-    # publish and subscribe (5 tokens) are covered; the 4-token DLQ subject is not.
-    assert stream_subjects(config.stream_name) == [
-        f"{config.env}.data.sync.*.*",
-        config.subjects.dlq,
-    ]
+    # publish and subscribe (5 tokens) are covered; the 4-token DLQ subject goes to its own.
+    assert stream_subjects(config.stream_name) == [f"{config.env}.data.sync.*.*"]
+    assert stream_subjects(config.dlq_stream_name) == [config.subjects.dlq]
     covered = [a.target for a in report.actions if "covered by" in a.detail]
     assert covered == [config.subjects.publish, config.subjects.subscribe]
     assert ensure_topology().in_sync
@@ -289,13 +292,13 @@ def test_ensure__eight_processes_for_two_apps_converge_on_one_stream(
                 stream.close()
     assert [code for code, _ in results] == [0] * 8, results
     streams = nats(lambda c: c.jsm.stream_names(subject=f"{config.env}.>"))
-    assert streams == [config.stream_name]
+    assert sorted(streams) == sorted([config.stream_name, config.dlq_stream_name])
     assert sorted(stream_subjects(config.stream_name)) == sorted(
         [
             f"{config.env}.data.sync.alpha.beta",
             f"{config.env}.data.sync.beta.alpha",
-            f"{config.env}.data.sync.dlq",
         ]
     )
+    assert stream_subjects(config.dlq_stream_name) == [f"{config.env}.data.sync.dlq"]
     for app in ("alpha", "beta"):
         assert nats(lambda c, a=app: c.jsm.consumer_info(config.stream_name, f"{a}-events"))

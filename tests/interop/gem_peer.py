@@ -48,7 +48,8 @@ reaches the server. What the peer does, and where the fact comes from:
   does not fold, so for a ``Nats-Msg-Id`` message the context's ``event_id`` is a random
   UUID; and ``sequence`` is nats-pure's (stream, consumer) pair struct, which JSON renders
   as its ``#<struct ... stream=N, consumer=M>`` text. ``dlq_headers`` picks the format:
-  ``"v2.4"`` (default here, so the tests exercise the headers) or ``"v2.0"``.
+  ``"v2.0"`` (default: the format of the releases whose subjects match ours) or ``"v2.4"``
+  (the later format, which those releases write on other subjects: ``{env}.sync.dlq``).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class GemConfig:
     backoff: tuple[int | float | str, ...] = ("1s", "5s", "15s", "30s", "60s")
     use_dlq: bool = True
     use_inbox: bool = False
-    dlq_headers: str = "v2.4"  # "v2.0": original headers only
+    dlq_headers: str = "v2.0"  # what the tag with our subject scheme writes; "v2.4": x-dlq-*
 
     @property
     def stream_name(self) -> str:

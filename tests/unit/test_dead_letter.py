@@ -165,3 +165,58 @@ def test_replay_policy__skips_unverified_letters_unless_told() -> None:
     assert why.startswith("unverified")
     assert "--include-unverified" in why
     assert ReplayPolicy(include_unverified=True).problem(SUBJECTS, inbound, "unverified") is None
+
+
+# -- a replay for one durable ---------------------------------------------------------------
+
+
+def test_replay_headers__carry_the_target_and_a_replay_id() -> None:
+    headers = letters.replay_headers(12, b"{}", target="alpha-events", key=None)
+    assert re.fullmatch(r"replay:12:[0-9a-f]{32}", headers[MSG_ID_HEADER])
+    assert headers[letters.REPLAY_FOR] == "alpha-events"
+    assert headers[letters.REPLAY_OF] == "12"
+    assert letters.REPLAY_SIGNATURE not in headers
+    assert letters.replay_target(headers, b"{}", None) == ("alpha-events", None)
+
+
+def test_replay_headers__for_every_durable_carry_no_target() -> None:
+    headers = letters.replay_headers(12, b"{}", target=None, key=b"k" * 32)
+    assert set(headers) == {MSG_ID_HEADER, letters.REPLAY_OF}
+    assert letters.replay_target(headers, b"{}", b"k" * 32) == (None, None)
+
+
+def test_replay_target__binds_target_id_and_body_to_the_key() -> None:
+    key = b"k" * 32
+    headers = letters.replay_headers(3, b'{"a":1}', target="alpha-events", key=key)
+    assert letters.replay_target(headers, b'{"a":1}', key) == ("alpha-events", None)
+    changed = [
+        (headers, b'{"a":2}', key),
+        (headers, b'{"a":1}', b"x" * 32),
+        ({**headers, letters.REPLAY_FOR: "alpha-audit"}, b'{"a":1}', key),
+        ({**headers, MSG_ID_HEADER: f"replay:3:{'0' * 32}"}, b'{"a":1}', key),
+    ]
+    for forged, body, with_key in changed:
+        target, why = letters.replay_target(forged, body, with_key)
+        assert target is None
+        assert why is not None
+        assert letters.REPLAY_SIGNATURE in why
+
+
+def test_replay_target__needs_the_replay_id_form() -> None:
+    for msg_id in ("evt-1", "replay:3", f"replay:x:{'0' * 32}", f"replay:3:{'0' * 31}", None):
+        headers = {letters.REPLAY_FOR: "alpha-events"}
+        if msg_id is not None:
+            headers[MSG_ID_HEADER] = msg_id
+        target, why = letters.replay_target(headers, b"{}", None)
+        assert target is None
+        assert why is not None
+
+
+def test_replay_headers__cannot_be_set_by_a_publisher() -> None:
+    from jetstream_bridge.core.envelope import header_problem
+
+    for name in (letters.REPLAY_FOR, letters.REPLAY_SIGNATURE, "jsb-replay-for"):
+        problem = header_problem(name, "alpha-events")
+        assert problem is not None
+        assert "jetstream_dlq replay" in problem
+    assert header_problem(letters.REPLAY_OF, "3") is None  # informative only

@@ -83,7 +83,55 @@ def test_schema__environment_fallbacks_and_flags() -> None:
         "METRICS_TOKEN",
     ]
     assert [s.key for s in SETTINGS if s.required] == ["DESTINATION_APP"]
-    assert [s.key for s in SETTINGS if s.follows_env] == ["STREAM_NAME", "DLQ_SUBJECT"]
+    assert [s.key for s in SETTINGS if s.follows_env] == [
+        "STREAM_NAME",
+        "DLQ_SUBJECT",
+        "DLQ_STREAM_NAME",
+    ]
+
+
+def test_schema__dlq_stream_name_follows_the_parsed_stream_name() -> None:
+    derived, _ = parse_config({"DESTINATION_APP": "b", "ENV": "prod"})
+    custom, _ = parse_config({"DESTINATION_APP": "b", "STREAM_NAME": "orders"})
+    assert derived is not None
+    assert custom is not None
+    assert derived.dlq_stream_name == "prod-jetstream-bridge-stream-dlq"
+    assert derived.separate_dlq_stream
+    assert custom.dlq_stream_name == "orders-dlq"
+    keys = [s.key for s in SETTINGS]
+    assert keys.index("DLQ_STREAM_NAME") > keys.index("STREAM_NAME")
+
+
+def test_schema__dlq_stream_name_equal_to_stream_name_shares_the_stream() -> None:
+    shared, problems = parse_config(
+        {"DESTINATION_APP": "b", "STREAM_NAME": "s", "DLQ_STREAM_NAME": "s"}
+    )
+    assert shared is not None
+    assert problems == []
+    assert not shared.separate_dlq_stream
+    warned, problems = parse_config(
+        {"DESTINATION_APP": "b", "DLQ_STREAM_NAME": "s", "STREAM_NAME": "s", "DLQ_MAX_BYTES": 10}
+    )
+    assert warned is not None
+    assert [(p.id, p.key) for p in problems] == [("W002", "DLQ_MAX_BYTES")]
+
+
+def test_schema__dlq_settings_refuse_bad_values_with_a_hint() -> None:
+    config, problems = parse_config(
+        {
+            "DESTINATION_APP": "b",
+            "DLQ_STREAM_NAME": "a.b",
+            "DLQ_MAX_AGE": "soon",
+            "DLQ_MAX_BYTES": 0,
+        }
+    )
+    assert config is None
+    assert {(p.id, p.key) for p in problems} == {
+        ("E011", "DLQ_STREAM_NAME"),
+        ("E005", "DLQ_MAX_AGE"),
+        ("E007", "DLQ_MAX_BYTES"),
+    }
+    assert all(p.hint for p in problems)
 
 
 def test_check_ids__each_registered_once_in_id_order() -> None:

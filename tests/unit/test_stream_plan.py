@@ -8,6 +8,7 @@ from jetstream_bridge.core.durations import to_nanos
 from jetstream_bridge.core.settings import BridgeConfig, parse_config
 from jetstream_bridge.core.stream_plan import (
     MANAGED,
+    Holding,
     creation_metadata,
     format_bytes,
     plan_settings,
@@ -83,11 +84,36 @@ def test_plan__another_apps_value_still_in_force_is_a_conflict() -> None:
     assert taken.metadata["jetstream_bridge.max_age.owner"] == "beta"
 
 
-def test_plan__a_value_reset_behind_its_owner_is_drift() -> None:
+def test_plan__a_value_reset_behind_its_owner_is_the_owners_drift_not_anothers_claim() -> None:
     raw = server(max_age=0, metadata=owned_by("alpha", "max_age", to_nanos(7 * DAY)))
     plan = plan_settings(config(APP_NAME="beta", STREAM_MAX_AGE="1d"), raw)
-    assert [str(d) for d in plan.apply] == ["max_age: unlimited -> 1d"]
-    assert plan.conflicts == ()
+    assert plan.apply == ()
+    assert [str(c.difference) for c in plan.conflicts] == ["max_age: unlimited -> 1d"]
+    owner = plan_settings(config(APP_NAME="alpha", STREAM_MAX_AGE="7d"), raw)
+    assert [str(d) for d in owner.apply] == ["max_age: unlimited -> 7d"]
+
+
+def test_plan__an_agreeing_value_with_no_owner_is_claimed_without_a_difference() -> None:
+    raw = server(max_age=to_nanos(7 * DAY))
+    plan = plan_settings(config(APP_NAME="alpha", STREAM_MAX_AGE="7d"), raw)
+    assert plan.apply == ()
+    assert [s.field for s in plan.claimed] == ["max_age"]
+    assert plan.metadata["jetstream_bridge.max_age.owner"] == "alpha"
+    assert plan.updated(raw, ["a.b"])["metadata"] == plan.metadata
+
+
+def test_plan__a_limit_below_what_is_stored_is_held_unless_discard_is_allowed() -> None:
+    stored = Holding(messages=100, bytes=10_000, oldest_age=3 * DAY)
+    raw = server()
+    smaller = config(STREAM_MAX_BYTES=4_000, STREAM_MAX_AGE="1d")
+    plan = plan_settings(smaller, raw, holding=stored)
+    assert plan.apply == ()
+    assert sorted(h.difference.setting.field for h in plan.held) == ["max_age", "max_bytes"]
+    assert all("--allow-discard" in str(h) for h in plan.held)
+    allowed = plan_settings(smaller, raw, holding=stored, allow_discard=True)
+    assert sorted(d.setting.field for d in allowed.apply) == ["max_age", "max_bytes"]
+    roomy = plan_settings(config(STREAM_MAX_BYTES=20_000, STREAM_MAX_AGE="7d"), raw, holding=stored)
+    assert sorted(d.setting.field for d in roomy.apply) == ["max_age", "max_bytes"]
 
 
 def test_plan__own_records_never_conflict() -> None:

@@ -46,6 +46,9 @@ class BridgeConfig:
     inbox_model: str = "jetstream_bridge.InboxEvent"
     stream_name: str = ""
     dlq_subject: str = ""
+    dlq_stream_name: str = ""
+    dlq_max_age: float | None = 30 * 86400.0
+    dlq_max_bytes: int | None = None
     dlq_signing_key: Secret | None = field(default=None, repr=False)
     stream_storage: str = "file"
     stream_replicas: int = 1
@@ -107,6 +110,11 @@ class BridgeConfig:
     def peer_subjects(self) -> tuple[Subjects, ...]:
         """``subjects_for`` every destination, in settings order."""
         return tuple(self.subjects_for(peer) for peer in self.destination_apps)
+
+    @property
+    def separate_dlq_stream(self) -> bool:
+        """Tell whether dead letters belong in a stream of their own (``DLQ_STREAM_NAME``)."""
+        return self.use_dlq and self.dlq_stream_name not in ("", self.stream_name)
 
     @property
     def redacted_urls(self) -> tuple[str, ...]:

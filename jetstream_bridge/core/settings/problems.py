@@ -73,6 +73,7 @@ MODEL_MISSING_FIELDS = Check("E013", "custom model missing required fields")
 AUTH_CONFLICT = Check("E014", "conflicting authentication")
 DUPLICATE_WINDOW_TOO_SHORT = Check("E015", "duplicate window not longer than the relay lease")
 SAME_APP_AND_DESTINATION = Check("W001", "`APP_NAME` equals `DESTINATION_APP`")
+DLQ_LIMITS_UNUSED = Check("W002", "DLQ limits set while the DLQ shares the events' stream")
 
 CHECKS: tuple[Check, ...] = (
     NOT_A_DICT,
@@ -91,6 +92,7 @@ CHECKS: tuple[Check, ...] = (
     AUTH_CONFLICT,
     DUPLICATE_WINDOW_TOO_SHORT,
     SAME_APP_AND_DESTINATION,
+    DLQ_LIMITS_UNUSED,
 )
 
 

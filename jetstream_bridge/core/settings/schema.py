@@ -56,6 +56,23 @@ class FollowsEnv:
 
 
 @dataclass(frozen=True)
+class FollowsStreamName(FollowsEnv):
+    """A default computed from the parsed ``STREAM_NAME`` (which itself follows ``ENV``)."""
+
+    def resolve(self, values: Mapping[str, Any]) -> str:
+        base = values.get("stream_name") or stream_name(values.get("env") or DEFAULT_ENV)
+        return self.derive(base)
+
+    @property
+    def shown(self) -> str:
+        return self.derive("{STREAM_NAME}")
+
+
+def dlq_stream_name(stream: str) -> str:
+    return f"{stream}-dlq"
+
+
+@dataclass(frozen=True)
 class Setting:
     """One key of ``JETSTREAM_BRIDGE``.
 
@@ -226,6 +243,31 @@ SETTINGS: tuple[Setting, ...] = (
         kind=Subject(),
         default=FollowsEnv(dlq_subject),
         doc="dead-letter subject",
+    ),
+    Setting(
+        key="DLQ_STREAM_NAME",
+        kind=StreamName(),
+        default=FollowsStreamName(dlq_stream_name),
+        doc="stream that keeps the dead letters, apart from the events",
+        details="created by `jetstream_ensure_topology` with its own limits (`DLQ_MAX_AGE`, "
+        "`DLQ_MAX_BYTES`), so a flood of dead letters never evicts a live event; set it to "
+        "`STREAM_NAME` to keep them in the events' stream. An existing stream that already "
+        "captures `DLQ_SUBJECT` is left as it is until `jetstream_ensure_topology --move-dlq`",
+    ),
+    Setting(
+        key="DLQ_MAX_AGE",
+        kind=Duration(),
+        default="30d",
+        doc="discard dead letters older than this (0 keeps them)",
+        details="applies to the DLQ stream of its own",
+    ),
+    Setting(
+        key="DLQ_MAX_BYTES",
+        kind=Integer(minimum=1),
+        default=None,
+        doc="DLQ stream size limit in bytes (None is unlimited)",
+        details="when full, the oldest dead letters go first; the server reserves this much "
+        "storage for the stream when it is created, so size it to what the server has",
     ),
     Setting(
         key="DLQ_SIGNING_KEY",

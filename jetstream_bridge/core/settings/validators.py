@@ -16,6 +16,7 @@ from .problems import (
     BACKOFF_TOO_LONG,
     BAD_DURATION,
     BAD_MODEL,
+    DLQ_LIMITS_UNUSED,
     DUPLICATE_WINDOW_TOO_SHORT,
     MISSING_DESTINATION,
     SAME_APP_AND_DESTINATION,
@@ -139,6 +140,21 @@ def model_paths_are_dotted(values: Values, raw: Raw) -> Iterator[Problem]:
             )
 
 
+def dlq_limits_have_a_stream(values: Values, raw: Raw) -> Iterator[Problem]:
+    """W002: DLQ_MAX_AGE/DLQ_MAX_BYTES limit the DLQ's own stream; in a shared one they cannot."""
+    if values["dlq_stream_name"] != values["stream_name"]:
+        return
+    given = [key for key in ("DLQ_MAX_AGE", "DLQ_MAX_BYTES") if raw.get(key) not in (None, "")]
+    if given:
+        yield DLQ_LIMITS_UNUSED.problem(
+            given[0],
+            f"{' and '.join(given)} apply only to a DLQ stream of its own, but DLQ_STREAM_NAME "
+            "is STREAM_NAME: the dead letters share the events' stream and its limits.",
+            "Leave DLQ_STREAM_NAME out (it defaults to '{STREAM_NAME}-dlq') to keep dead "
+            f"letters apart, or remove {' and '.join(given)}.",
+        )
+
+
 VALIDATORS: tuple[Validator, ...] = (
     destination_app_is_set,
     app_is_not_its_own_destination,
@@ -149,4 +165,5 @@ VALIDATORS: tuple[Validator, ...] = (
     user_and_password_together,
     tls_cert_and_key_together,
     model_paths_are_dotted,
+    dlq_limits_have_a_stream,
 )

@@ -66,6 +66,12 @@ class Command(BridgeCommand):
             "default only this app's inbound subject is a target",
         )
         replay.add_argument(
+            "--broadcast",
+            action="store_true",
+            help="let every durable on the subject handle it again, not only the one that "
+            "dead-lettered it",
+        )
+        replay.add_argument(
             "--include-unverified",
             action="store_true",
             help="also replay letters whose signature does not verify with DLQ_SIGNING_KEY",
@@ -125,6 +131,7 @@ class Command(BridgeCommand):
         policy = dlq.ReplayPolicy(
             subjects=frozenset(self._targets(options["to_subject"])),
             include_unverified=options["include_unverified"],
+            broadcast=options["broadcast"],
         )
         result = dlq.replay(self._selection(options), keep=options["keep"], policy=policy)
         for seq, new_seq in result.replayed:

@@ -60,6 +60,12 @@ class Command(BridgeCommand):
             help=f"rows per DELETE, each its own transaction (default {DEFAULT_BATCH_SIZE})",
         )
         parser.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+        parser.add_argument(
+            "--force",
+            action="store_true",
+            help="purge the inbox even with an age shorter than the bridge's own redelivery "
+            "window (handlers of events that come back within it run again)",
+        )
         parser.add_argument("--database", help="database alias of the tables")
 
     def run(self, **options: Any) -> None:
@@ -87,6 +93,7 @@ class Command(BridgeCommand):
                 consumer=options["consumer"],
                 batch_size=batch_size,
                 dry_run=dry_run,
+                force=options["force"],
             )
             what = "processed or failed" if options["include_failed"] else "processed"
             self.stdout.write(purged_line("inbox", what, purged, processed_age))
