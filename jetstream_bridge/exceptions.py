@@ -21,6 +21,7 @@ from .core.errors import (
     StreamNotFound,
     TopologyError,
     UnknownDestination,
+    UnknownPeer,
 )
 from .core.settings import Problem
 
@@ -50,4 +51,5 @@ __all__ = [
     "StreamNotFound",
     "TopologyError",
     "UnknownDestination",
+    "UnknownPeer",
 ]

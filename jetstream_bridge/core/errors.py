@@ -94,3 +94,7 @@ class NoStreamForSubject(PublishFailed):
 
 class TopologyError(JetStreamBridgeError):
     """Stream or consumer provisioning failed."""
+
+
+class UnknownPeer(JetStreamBridgeError, ValueError):
+    """A peer was named (``--from``, ``Consumer(peers=...)``) that ``DESTINATION_APP`` lacks."""
