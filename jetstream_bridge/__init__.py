@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Publisher": "jetstream_bridge.publisher",
     "PublishResult": "jetstream_bridge.publisher",
+    "FanOutResult": "jetstream_bridge.publisher",
     "Consumer": "jetstream_bridge.consumer",
     "handler": "jetstream_bridge.handlers",
     "ensure_topology": "jetstream_bridge.topology",

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import cached_property
 from typing import Any, TypeVar
@@ -306,10 +306,15 @@ async def get_async(conn: Connection, config: BridgeConfig, seq: int) -> DeadLet
 def replay_problem(config: BridgeConfig, subject: str, allowed: Collection[str] = ()) -> str | None:
     """Return why a dead letter must not be republished to ``subject``, or ``None``.
 
-    Allowed are this app's inbound subject and the subjects in ``allowed``
+    Allowed are this app's inbound subjects (one per peer) and the subjects in ``allowed``
     (``core.dead_letter.target_problem`` has the rules).
     """
-    return core_dlq.target_problem(config.subjects, subject, allowed)
+    return core_dlq.target_problem(config.subjects, subject, {*allowed, *_inbound(config)})
+
+
+def _inbound(config: BridgeConfig) -> frozenset[str]:
+    """What every peer sends us: a letter from any of them may go back there."""
+    return frozenset(peer.subscribe for peer in config.peer_subjects)
 
 
 async def replay_async(
@@ -328,6 +333,7 @@ async def replay_async(
     connection aborts the run (what was replayed so far stays replayed).
     """
     policy = policy or ReplayPolicy()
+    policy = replace(policy, subjects=policy.subjects | _inbound(config))
     _, messages = await _scan(conn, config, selection)
     result = ReplayResult()
     seen: dict[tuple[str, str], bool] = {}

@@ -20,6 +20,8 @@ from .core.errors import (
     RejectMessage,
     StreamNotFound,
     TopologyError,
+    UnknownDestination,
+    UnknownPeer,
 )
 from .core.settings import Problem
 
@@ -48,4 +50,6 @@ __all__ = [
     "RejectMessage",
     "StreamNotFound",
     "TopologyError",
+    "UnknownDestination",
+    "UnknownPeer",
 ]

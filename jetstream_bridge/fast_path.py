@@ -23,6 +23,7 @@ from .broker import PubAck
 from .core.errors import NatsUnavailable
 from .core.settings import BridgeConfig
 from .outbox import OutboxStore, Outcome
+from .provision import publish_provisioned
 from .runtime import get_runtime
 
 if TYPE_CHECKING:
@@ -49,13 +50,18 @@ def hand_off(event: PreparedEvent, using: str | None, pk: Any) -> None:
 def _held_for_order(event: PreparedEvent, using: str | None, pk: Any) -> bool:
     """With OUTBOX_ORDERING, leave a row to the relay while an earlier one of its resource waits.
 
-    The relay publishes a resource's rows strictly in order; the fast path must not overtake.
+    The relay publishes a resource's rows to each peer strictly in order; the fast path must
+    not overtake. With several peers only rows for the same subject count: an event's copies
+    for other peers (written just before this one) do not hold it.
     """
     resource_id = event.envelope.get("resource_id")
     if not (event.config.outbox_ordering and resource_id):
         return False
     store = OutboxStore(event.config, using=using)
-    held = store.has_older_unsent(pk, str(event.envelope["resource_type"]), str(resource_id))
+    per_peer = event.subject if len(event.config.destinations) > 1 else None
+    held = store.has_older_unsent(
+        pk, str(event.envelope["resource_type"]), str(resource_id), per_peer
+    )
     if held:
         logger.debug("fast path skipped to keep resource order", extra=event.log_fields())
     return held
@@ -79,7 +85,9 @@ class FastPath:
         with self._idle:
             self._in_flight += 1
         self._ensure_worker()
-        future = get_runtime().submit(event.publish)
+        future = get_runtime().submit(
+            lambda conn: publish_provisioned(conn, event.config, event.publish)
+        )
         future.add_done_callback(lambda f: self._results.put(_Publish(event, using, pk, f)))
 
     def _ensure_worker(self) -> None:

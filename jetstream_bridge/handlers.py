@@ -10,6 +10,9 @@ is ever used to find code.
     @handler("order", "created")
     def create_invoice(event, subject, deliveries):
         Invoice.objects.create(order_number=event["payload"]["number"])
+
+    @handler("order", "created", producer="billing")  # only billing's order/created
+    def billing_order(event, subject, deliveries): ...
 """
 
 from __future__ import annotations
@@ -31,33 +34,50 @@ Handler = Callable[[dict[str, Any], str, int], Any]
 
 
 class HandlerRegistry:
-    """Handlers keyed by ``(resource_type, event_type)``; ``"*"`` matches anything."""
+    """Handlers keyed by ``(producer, resource_type, event_type)``; ``"*"`` matches anything.
+
+    ``producer`` is the peer whose subject the event arrived on; registrations without one
+    (``"*"``) serve every peer, as in a single-peer service.
+    """
 
     def __init__(self) -> None:
-        self._handlers: dict[tuple[str, str], Handler] = {}
+        self._handlers: dict[tuple[str, str, str], Handler] = {}
 
-    def register(self, resource_type: str, event_type: str, fn: Handler) -> Handler:
-        key = (resource_type, event_type)
+    def register(
+        self, resource_type: str, event_type: str, fn: Handler, *, producer: str = ANY
+    ) -> Handler:
+        key = (producer, resource_type, event_type)
         existing = self._handlers.get(key)
         if existing is not None and existing is not fn:
+            source = "" if producer == ANY else f" from {producer}"
             raise ValueError(
-                f"a handler for {resource_type}/{event_type} is already "
+                f"a handler for {resource_type}/{event_type}{source} is already "
                 f"registered: {existing.__module__}.{existing.__qualname__}"
             )
         self._handlers[key] = fn
         return fn
 
-    def resolve(self, resource_type: str, event_type: str) -> Handler | None:
-        """Return the most specific handler: exact, then any event type, then catch-all."""
-        for key in (
+    def resolve(
+        self, resource_type: str, event_type: str, producer: str | None = None
+    ) -> Handler | None:
+        """Return the most specific handler.
+
+        With ``producer``, that peer's registrations come first (exact, any event type, any
+        resource type, catch-all); then, as without it, exact, any event type, any resource
+        type, catch-all.
+        """
+        kinds = (
             (resource_type, event_type),
             (resource_type, ANY),
             (ANY, event_type),
             (ANY, ANY),
-        ):
-            found = self._handlers.get(key)
-            if found is not None:
-                return found
+        )
+        producers = (producer, ANY) if producer and producer != ANY else (ANY,)
+        for source in producers:
+            for resource, event in kinds:
+                found = self._handlers.get((source, resource, event))
+                if found is not None:
+                    return found
         return None
 
     def __len__(self) -> int:
@@ -70,11 +90,17 @@ class HandlerRegistry:
 registry = HandlerRegistry()
 
 
-def handler(resource_type: str = ANY, event_type: str = ANY) -> Callable[[Handler], Handler]:
-    """Register the decorated function for events of ``resource_type``/``event_type``."""
+def handler(
+    resource_type: str = ANY, event_type: str = ANY, *, producer: str = ANY
+) -> Callable[[Handler], Handler]:
+    """Register the decorated function for events of ``resource_type``/``event_type``.
+
+    ``producer`` limits it to events from that peer (the service named in DESTINATION_APP
+    whose subject they arrive on); without it the function serves every peer.
+    """
 
     def decorate(fn: Handler) -> Handler:
-        return registry.register(resource_type, event_type, fn)
+        return registry.register(resource_type, event_type, fn, producer=producer)
 
     return decorate
 

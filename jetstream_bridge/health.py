@@ -33,11 +33,12 @@ from .core.durations import format_age, format_duration, parse_duration
 from .core.errors import AuthenticationFailed, NatsError, NatsUnavailable
 from .core.redaction import scrub
 from .core.settings import BridgeConfig
-from .core.subjects import collide, token_problem
+from .core.subjects import token_problem
 from .core.topology_plan import desired_subjects
 from .dlq import Depth as DlqDepth
 from .dlq import depth_async as dlq_depth_async
 from .models import OutboxStatus
+from .readers import find_durable, find_readers, subscribe_subjects
 from .runtime import get_runtime
 from .stream_audit import audit_streams_async
 
@@ -96,6 +97,17 @@ class OutboxBacklog:
     unsent: int
     oldest_unsent_age: float | None
     error: str | None = None
+    unsent_by_subject: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A peer we publish to: its subject, the stream storing it, our unsent rows for it."""
+
+    peer: str
+    subject: str
+    stream: str | None
+    unsent: int | None  # None: not counted (no outbox, or it could not be read)
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,7 @@ class HealthReport:
     round_trip_ms: float | None = None
     stream: StreamState | None = None
     subjects: dict[str, str | None] = field(default_factory=dict)
+    destinations: tuple[Destination, ...] = ()
     consumers: tuple[ConsumerLag, ...] = ()
     outbox: OutboxBacklog | None = None
     dlq: DlqDepth | None = None
@@ -132,6 +145,7 @@ class HealthReport:
         data["problems"] = list(self.problems)
         data["warnings"] = list(self.warnings)
         data["servers"] = list(self.servers)
+        data["destinations"] = [asdict(d) for d in self.destinations]
         if self.stream is not None:
             data["stream"]["subjects"] = list(self.stream.subjects)
         data["consumers"] = [
@@ -201,13 +215,15 @@ async def _probe(
     facts.jetstream = True
     await _probe_stream(conn, config, facts)
     facts.warnings = [finding.message for finding in await audit_streams_async(conn, config)]
-    consumer_stream = facts.subjects.get(config.subjects.subscribe)
-    if consumer_stream is None:
-        _no_consumer_stream(config, durables, facts)
+    subscribe = subscribe_subjects(config)
+    if not any(facts.subjects.get(subject) for subject in subscribe):
+        _no_consumer_stream(subscribe, durables, facts)
     elif durables:
-        await _probe_durables(conn, consumer_stream, durables, facts)
+        await _probe_durables(conn, config, durables, facts)
     else:
-        await _probe_readers(conn, consumer_stream, config.subjects.subscribe, facts)
+        # Every durable reading what any peer sends us; other apps' lag is theirs to watch.
+        for reader in await find_readers(conn, config):
+            facts.consumers.append(_consumer_lag(reader.stream, reader.durable, reader.info))
     if config.use_dlq:
         facts.dlq = await dlq_depth_async(conn, config)
 
@@ -234,36 +250,24 @@ async def _probe_stream(conn: Connection, config: BridgeConfig, facts: _Facts) -
         facts.problems.append(f"no stream stores {', '.join(missing)}; {ENSURE_HINT}")
 
 
-def _no_consumer_stream(config: BridgeConfig, durables: Sequence[str], facts: _Facts) -> None:
-    subscribe = config.subjects.subscribe
+def _no_consumer_stream(subscribe: list[str], durables: Sequence[str], facts: _Facts) -> None:
     for durable in durables:
         facts.consumers.append(ConsumerLag(durable=durable, stream="", exists=False))
-        facts.problems.append(f"consumer {durable} cannot exist: no stream stores {subscribe}")
+        facts.problems.append(
+            f"consumer {durable} cannot exist: no stream stores {', '.join(subscribe)}"
+        )
 
 
 async def _probe_durables(
-    conn: Connection, stream: str, durables: Sequence[str], facts: _Facts
+    conn: Connection, config: BridgeConfig, durables: Sequence[str], facts: _Facts
 ) -> None:
-    """Report each named durable; each must exist."""
+    """Report each named durable, on whichever stream capturing our subjects holds it."""
     for durable in durables:
-        lag = _consumer_lag(stream, durable, await conn.jsm.consumer_info(stream, durable))
+        stream, info = await find_durable(conn, config, durable)
+        lag = _consumer_lag(stream or "", durable, info)
         facts.consumers.append(lag)
         if not lag.exists:
             facts.problems.append(f"consumer {durable} does not exist on stream {stream}")
-
-
-async def _probe_readers(conn: Connection, stream: str, subscribe: str, facts: _Facts) -> None:
-    """Report every durable that reads this app's subject.
-
-    The shared stream also holds other apps' consumers, whose lag is theirs to watch.
-    """
-    for name in sorted(await conn.jsm.consumer_names(stream)):
-        info = await conn.jsm.consumer_info(stream, name)
-        if info is None or not info.config.durable_name:
-            continue
-        lag = _consumer_lag(stream, name, info)
-        if not lag.filter_subjects or any(collide(f, subscribe) for f in lag.filter_subjects):
-            facts.consumers.append(lag)
 
 
 async def _nats_job(
@@ -284,14 +288,34 @@ def _outbox_backlog(config: BridgeConfig, using: str | None) -> OutboxBacklog | 
         return None
     from .outbox import OutboxStore
 
+    store = OutboxStore(config, using=using)
     try:
-        data = OutboxStore(config, using=using).backlog()
+        # One grouped count more, for the backlog per destination (several peers only).
+        data = store.backlog(by_subject=len(config.destinations) > 1)
+        by_subject = data["unsent_by_subject"]
     except DatabaseError as exc:
         first_line = (str(exc).strip().splitlines() or [""])[0]
         return OutboxBacklog({}, 0, None, error=scrub(f"{type(exc).__name__}: {first_line}"))
     counts = {str(status): int(n) for status, n in data["counts"].items()}
     unsent = sum(n for status, n in counts.items() if status != OutboxStatus.SENT)
-    return OutboxBacklog(counts, unsent, data["oldest_unsent_age"])
+    if len(config.destinations) == 1 and unsent:
+        by_subject = {config.subjects.publish: unsent}  # rows of older settings count here too
+    return OutboxBacklog(counts, unsent, data["oldest_unsent_age"], unsent_by_subject=by_subject)
+
+
+def _destinations(
+    config: BridgeConfig, facts: _Facts, outbox: OutboxBacklog | None
+) -> tuple[Destination, ...]:
+    counted = outbox is not None and not outbox.error
+    return tuple(
+        Destination(
+            peer=peer,
+            subject=(subject := config.subjects_for(peer).publish),
+            stream=facts.subjects.get(subject),
+            unsent=outbox.unsent_by_subject.get(subject, 0) if counted and outbox else None,
+        )
+        for peer in config.destinations
+    )
 
 
 def _thresholds(
@@ -370,6 +394,7 @@ def _assess(
         round_trip_ms=round(facts.round_trip * 1000, 3) if facts.round_trip is not None else None,
         stream=facts.stream,
         subjects=dict(facts.subjects),
+        destinations=_destinations(config, facts, outbox),
         consumers=tuple(facts.consumers),
         outbox=outbox,
         dlq=facts.dlq,

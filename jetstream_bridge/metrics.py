@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from django.http import HttpRequest, HttpResponse
     from prometheus_client.metrics_core import Metric
 
-    from .broker import ConsumerInfo
     from .core.settings import BridgeConfig
+    from .readers import Reader
 
 try:
     from prometheus_client import REGISTRY, Counter, Histogram
@@ -137,6 +137,7 @@ class _Gauges:
     scrape_success: GaugeMetricFamily
     outbox_rows: GaugeMetricFamily
     outbox_oldest: GaugeMetricFamily
+    outbox_destination: GaugeMetricFamily
     consumer_pending: GaugeMetricFamily
     consumer_ack_pending: GaugeMetricFamily
 
@@ -156,6 +157,11 @@ class _Gauges:
                 "Age of the oldest outbox row not yet sent (0 when none).",
             ),
             GaugeMetricFamily(
+                f"{NAMESPACE}_outbox_unsent_rows_by_destination",
+                "Outbox rows not yet sent, per destination peer and its subject.",
+                labels=["destination", "subject"],
+            ),
+            GaugeMetricFamily(
                 f"{NAMESPACE}_consumer_pending_messages",
                 "Messages on the stream not yet delivered to the durable consumer (its lag).",
                 labels=["stream", "consumer"],
@@ -172,6 +178,7 @@ class _Gauges:
             self.scrape_success,
             self.outbox_rows,
             self.outbox_oldest,
+            self.outbox_destination,
             self.consumer_pending,
             self.consumer_ack_pending,
         ]
@@ -180,8 +187,9 @@ class _Gauges:
 class BridgeCollector:
     """Report the outbox backlog and consumer lag at scrape time; never raise into a scrape.
 
-    Consumers are found on the streams capturing this app's subscribe subject, so a web process
-    reports the lag of worker processes too. ``jetstream_bridge_scrape_success{source}`` is 0
+    Consumers are found on the server (``readers.find_readers``: every durable reading what any
+    peer sends us), so a web process reports the lag of worker processes too; the outbox backlog
+    is also given per destination peer. ``jetstream_bridge_scrape_success{source}`` is 0
     when a source could not be read (its gauges are then absent rather than wrong).
     """
 
@@ -222,7 +230,9 @@ class BridgeCollector:
         alias = store.read_alias
         opened_here = connections[alias].connection is None
         try:
-            backlog = store.backlog()
+            several = len(config.destinations) > 1
+            backlog = store.backlog(by_subject=several)
+            by_subject = backlog["unsent_by_subject"]
         finally:
             if opened_here and not connections[alias].in_atomic_block:
                 # A scrape thread of its own must not keep a database connection open.
@@ -231,34 +241,28 @@ class BridgeCollector:
         for status in sorted({*OUTBOX_STATUSES, *counts}):
             gauges.outbox_rows.add_metric([status], counts.get(status, 0))
         gauges.outbox_oldest.add_metric([], backlog["oldest_unsent_age"] or 0.0)
+        if not several:  # one peer: every unsent row is for it
+            unsent = sum(n for status, n in counts.items() if status != "sent")
+            by_subject = {config.subjects.publish: unsent}
+        for peer in config.destinations:
+            subject = config.subjects_for(peer).publish
+            gauges.outbox_destination.add_metric([peer, subject], by_subject.get(subject, 0))
 
     @staticmethod
     def _consumers(config: BridgeConfig, gauges: _Gauges) -> None:
         from .broker import Connection
+        from .readers import find_readers
         from .runtime import get_runtime
 
-        subject = config.subjects.subscribe
-
-        async def read(conn: Connection) -> list[tuple[str, str, ConsumerInfo]]:
-            found = []
-            for stream in await conn.jsm.stream_names(subject=subject):
-                for name in await conn.jsm.consumer_names(stream):
-                    info = await conn.jsm.consumer_info(stream, name)
-                    if info and _consumes(info, subject):
-                        found.append((stream, name, info))
-            return found
+        async def read(conn: Connection) -> list[Reader]:
+            return await find_readers(conn, config)
 
         # On timeout the job is left to finish by itself: the connection bounds it with
         # CONNECT_TIMEOUT/REQUEST_TIMEOUT, and cancelling a connect midway would leak its socket.
-        consumers = get_runtime().submit(read).result(SCRAPE_TIMEOUT)
-        for stream, name, info in consumers:
-            gauges.consumer_pending.add_metric([stream, name], info.num_pending)
-            gauges.consumer_ack_pending.add_metric([stream, name], info.num_ack_pending)
-
-
-def _consumes(info: ConsumerInfo, subject: str) -> bool:
-    config = info.config
-    return subject == config.filter_subject or subject in (config.filter_subjects or ())
+        for reader in get_runtime().submit(read).result(SCRAPE_TIMEOUT):
+            labels = [reader.stream, reader.durable]
+            gauges.consumer_pending.add_metric(labels, reader.info.num_pending)
+            gauges.consumer_ack_pending.add_metric(labels, reader.info.num_ack_pending)
 
 
 COLLECTOR = BridgeCollector()

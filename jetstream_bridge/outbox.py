@@ -106,21 +106,27 @@ class OutboxStore:
         ``Model.objects.create()``: a custom model's field defaults apply, its ``save()`` and
         model signals do not run.
         """
-        row = event.row_values(self.names)
-        if not self.config.outbox_fast_path and self.vendor == "postgresql":
-            # Delivered at commit (and dropped on rollback): wakes a LISTENing relay at once.
-            postgresql.notify_outbox(connections[self.alias])
-        if not event.explicit_id:
-            return insert_rows(self.model, self.alias, [row], returning=True)[0], True
-        try:
-            with transaction.atomic(using=self.alias):
-                return insert_rows(self.model, self.alias, [row], returning=True)[0], True
-        except IntegrityError:
-            existing = self.manager.filter(event_id=event.event_id).values_list("pk", flat=True)
-            pk = existing.first()
-            if pk is None:
-                raise
-            return pk, False
+        _notify(self)
+        return _insert(self, event)
+
+    def write_many(self, events: Sequence[NewEvent]) -> list[tuple[Any, bool]]:
+        """Insert one event's copies (one per destination), all or none; ``(pk, created)`` each.
+
+        Inside the caller's transaction they join it; outside one they commit together. With
+        generated ids it is one multi-row INSERT; a caller-supplied id is inserted copy by
+        copy, so a repeat is a duplicate for each copy already there and a new row for a
+        destination that has none yet.
+        """
+        if len(events) == 1:
+            return [self.write(events[0])]
+        with transaction.atomic(using=self.alias):
+            _notify(self)
+            if not any(event.explicit_id for event in events):
+                rows = [event.row_values(self.names) for event in events]
+                return [
+                    (pk, True) for pk in insert_rows(self.model, self.alias, rows, returning=True)
+                ]
+            return [_insert(self, event) for event in events]
 
     # -- taking batches -----------------------------------------------------------------------
 
@@ -128,19 +134,15 @@ class OutboxStore:
         """Rows a relay may take now, in key order, readable as ``ClaimedRow``s.
 
         With ``after``, only rows with a greater key (see ``Relay.drain``). With
-        OUTBOX_ORDERING, a row waits while an earlier one of its resource is unsent.
+        OUTBOX_ORDERING, a row waits while an earlier one of its resource is unsent; with
+        several peers, only one for the same subject (peer): one peer's order never waits
+        for another peer's copies.
         """
         queryset = self.manager.filter(outbox_due(now or timezone.now(), self.names))
         if after is not None:
             queryset = queryset.filter(pk__gt=after)
         if self.config.outbox_ordering and {"resource_type", "resource_id"} <= self.names:
-            older_unsent = self.manager.filter(
-                resource_type=OuterRef("resource_type"),
-                resource_id=OuterRef("resource_id"),
-                pk__lt=OuterRef("pk"),
-            ).exclude(status=OutboxStatus.SENT)
-            # Events without a resource id have nothing to be ordered against.
-            queryset = queryset.filter(models.Q(resource_id="") | ~Exists(older_unsent))
+            queryset = _in_resource_order(self, queryset)
         return readable(queryset, self.names)
 
     def lock(
@@ -208,10 +210,14 @@ class OutboxStore:
             self.manager.filter(pk__in=[row[0] for row in rows]).update(**update)
         return token, claimed_rows(rows, self.names, counted=False)
 
-    def has_older_unsent(self, pk: Any, resource_type: str, resource_id: str) -> bool:
-        """Tell whether an earlier event of the same resource is still unsent (ordering)."""
+    def has_older_unsent(
+        self, pk: Any, resource_type: str, resource_id: str, subject: str | None = None
+    ) -> bool:
+        """Tell whether an earlier event of the same resource (and subject) is still unsent."""
         manager = self.model._default_manager.db_manager(self.read_alias)
         earlier = manager.filter(resource_type=resource_type, resource_id=resource_id, pk__lt=pk)
+        if subject is not None:
+            earlier = earlier.filter(subject=subject)
         return bool(earlier.exclude(status=OutboxStatus.SENT).exists())
 
     # -- recording results --------------------------------------------------------------------
@@ -325,11 +331,7 @@ class OutboxStore:
     def purge_sent(
         self, older_than: float, *, batch_size: int = DEFAULT_BATCH_SIZE, dry_run: bool = False
     ) -> Purged:
-        """Delete sent rows older than ``older_than`` seconds, in batches (``purge.py``).
-
-        A row's age is its ``sent_at`` (a model without one is refused); unsent rows are kept
-        however old they are.
-        """
+        """Delete sent rows whose ``sent_at`` is older than ``older_than`` seconds, in batches."""
         if "sent_at" not in self.names:
             raise JetStreamBridgeError(
                 f"{self.model._meta.label} has no sent_at column: the purge cannot tell a sent "
@@ -340,24 +342,23 @@ class OutboxStore:
         )
         return delete_in_batches(sent, batch_size=batch_size, dry_run=dry_run)
 
-    def backlog(self) -> dict[str, Any]:
-        """Count rows by status and the age in seconds of the oldest unsent row."""
+    def backlog(self, *, by_subject: bool = False) -> dict[str, Any]:
+        """Count rows by status, the age in seconds of the oldest unsent row and, with
+        ``by_subject``, the unsent rows per subject (one per destination: per-peer backlog)."""
         manager = self.model._default_manager.db_manager(self.read_alias)
         counts = {
             row["status"]: row["n"]
             for row in manager.values("status").annotate(n=models.Count("pk")).order_by()
         }
+        unsent = manager.exclude(status=OutboxStatus.SENT)
         oldest_age = None
         if "enqueued_at" in self.names:
-            oldest = (
-                manager.exclude(status=OutboxStatus.SENT)
-                .order_by("enqueued_at")
-                .values_list("enqueued_at", flat=True)
-                .first()
-            )
+            oldest = unsent.order_by("enqueued_at").values_list("enqueued_at", flat=True).first()
             if oldest is not None:
                 oldest_age = (timezone.now() - oldest).total_seconds()
-        return {"counts": counts, "oldest_unsent_age": oldest_age}
+        grouped = unsent.values("subject").annotate(n=models.Count("pk")).order_by()
+        per_subject = {str(row["subject"]): int(row["n"]) for row in grouped} if by_subject else {}
+        return {"counts": counts, "oldest_unsent_age": oldest_age, "unsent_by_subject": per_subject}
 
 
 def _for_update(queryset: models.QuerySet[Any], alias: str) -> models.QuerySet[Any]:
@@ -393,3 +394,41 @@ def _fenced(
         queryset.filter(**match) if operator == "=" else queryset.exclude(**match)
     )
     return fenced
+
+
+def _notify(store: OutboxStore) -> None:
+    if not store.config.outbox_fast_path and store.vendor == "postgresql":
+        # Delivered at commit (and dropped on rollback): wakes a LISTENing relay at once.
+        postgresql.notify_outbox(connections[store.alias])
+
+
+def _insert(store: OutboxStore, event: NewEvent) -> tuple[Any, bool]:
+    """``OutboxStore.write`` for one row, after the relay was notified."""
+    row = event.row_values(store.names)
+    if not event.explicit_id:
+        return insert_rows(store.model, store.alias, [row], returning=True)[0], True
+    try:
+        with transaction.atomic(using=store.alias):
+            return insert_rows(store.model, store.alias, [row], returning=True)[0], True
+    except IntegrityError:
+        existing = store.manager.filter(event_id=event.event_id).values_list("pk", flat=True)
+        pk = existing.first()
+        if pk is None:
+            raise
+        return pk, False
+
+
+def _in_resource_order(store: OutboxStore, queryset: models.QuerySet[Any]) -> models.QuerySet[Any]:
+    """The rows of ``queryset`` with no earlier unsent row of their resource (and peer)."""
+    older_unsent = store.manager.filter(
+        resource_type=OuterRef("resource_type"),
+        resource_id=OuterRef("resource_id"),
+        pk__lt=OuterRef("pk"),
+    ).exclude(status=OutboxStatus.SENT)
+    if len(store.config.destinations) > 1:
+        older_unsent = older_unsent.filter(subject=OuterRef("subject"))
+    # Events without a resource id have nothing to be ordered against.
+    ordered: models.QuerySet[Any] = queryset.filter(
+        models.Q(resource_id="") | ~Exists(older_unsent)
+    )
+    return ordered

@@ -57,6 +57,7 @@ from .core import dead_letter
 from .core.envelope import FieldLimits, decode
 from .core.errors import MalformedEnvelope, RejectMessage
 from .core.settings import BridgeConfig
+from .core.subjects import producer_of
 from .handlers import Handler, HandlerRegistry, autodiscover, registry
 from .inbox import Inbox, Seen, field_limits, inbox_model
 from .models import InboxStatus
@@ -250,9 +251,7 @@ class BatchProcessor:
         if item.event is None:
             assert item.error is not None
             return self._fail(batch, item, item.error, reason=dead_letter.MALFORMED)
-        fn = self.handler or self.registry.resolve(
-            item.event["resource_type"], item.event["event_type"]
-        )
+        fn = self.handler or _registered(self.registry, item, self.config)
         if fn is None:
             missing = LookupError(
                 f"no handler registered for "
@@ -431,6 +430,13 @@ class _RedoWithSavepoints(Exception):
         super().__init__(index, error)
         self.index = index
         self.error = error
+
+
+def _registered(registry: HandlerRegistry, item: _Item, config: BridgeConfig) -> Handler | None:
+    """The registry's handler for ``item``; its producer is read from the delivery subject."""
+    assert item.event is not None
+    producer = producer_of(item.message.subject, config.env, config.app_name)
+    return registry.resolve(item.event["resource_type"], item.event["event_type"], producer)
 
 
 def _seen(

@@ -7,6 +7,10 @@ publishes it from the shared connection without blocking the caller, and ``jetst
 sends whatever the fast path could not. With the outbox off, a publish inside a transaction
 waits for the commit (``transaction.on_commit``) and a publish outside one is sent at once.
 
+With several peers in ``DESTINATION_APP``, one publish makes one copy per destination
+(``destination=``; every peer when left out), each its own outbox row and stream message,
+written together or not at all; ``core/destinations.py`` names each copy's ``Nats-Msg-Id``.
+
 Everything that leaves the process goes through the current ``Sender``; ``use_sender()``
 replaces it for a block (the testing kit's ``capture_published`` records instead of sending).
 """
@@ -16,9 +20,9 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -28,6 +32,7 @@ from django.db import transaction
 from . import fast_path, metrics
 from .broker import Connection, PubAck
 from .conf import get_config
+from .core.destinations import Requested, copy_id_problem, message_id, resolve
 from .core.envelope import (
     MSG_ID_HEADER,
     build_envelope,
@@ -38,6 +43,7 @@ from .core.envelope import (
 from .core.errors import InvalidEvent, PayloadTooLarge
 from .core.settings import BridgeConfig
 from .outbox import NewEvent, OutboxStore
+from .provision import publish_provisioned
 from .runtime import get_runtime
 
 logger = logging.getLogger(__name__)
@@ -69,6 +75,7 @@ class PreparedEvent:
 
     ``data`` are the exact bytes published (the encoded envelope) and ``headers`` include
     ``Nats-Msg-Id``. ``explicit_id`` says the caller chose the event id (so it may repeat).
+    ``destination`` is the peer this copy is for (``subject`` is its publish subject).
     """
 
     config: BridgeConfig
@@ -77,10 +84,17 @@ class PreparedEvent:
     headers: dict[str, str]
     subject: str
     explicit_id: bool
+    destination: str = ""
 
     @property
     def event_id(self) -> str:
+        """The envelope's id, the same in every destination's copy."""
         return str(self.envelope["event_id"])
+
+    @property
+    def msg_id(self) -> str:
+        """This copy's ``Nats-Msg-Id`` and outbox key (``core/destinations.message_id``)."""
+        return self.headers[MSG_ID_HEADER]
 
     def log_fields(self) -> dict[str, Any]:
         """The fields every log line about this event carries (``extra=``)."""
@@ -130,10 +144,14 @@ class NatsSender:
     """Publish to JetStream on the shared connection (``runtime``): the default ``Sender``."""
 
     def send(self, event: PreparedEvent) -> PubAck:
-        return get_runtime().call(event.publish)
+        return get_runtime().call(
+            lambda conn: publish_provisioned(conn, event.config, event.publish)
+        )
 
     async def send_async(self, event: PreparedEvent) -> PubAck:
-        return await get_runtime().run(event.publish)
+        return await get_runtime().run(
+            lambda conn: publish_provisioned(conn, event.config, event.publish)
+        )
 
     def after_commit(self, event: PreparedEvent, using: str | None, pk: Any = None) -> None:
         if pk is None:
@@ -154,7 +172,9 @@ def _send_detached(event: PreparedEvent) -> None:
                 extra=event.log_fields(),
             )
 
-    get_runtime().submit(event.publish).add_done_callback(report)
+    get_runtime().submit(
+        lambda conn: publish_provisioned(conn, event.config, event.publish)
+    ).add_done_callback(report)
 
 
 _sender: Sender = NatsSender()
@@ -185,6 +205,20 @@ def use_sender(sender: AnySender) -> Iterator[AnySender]:
 
 
 @dataclass(frozen=True)
+class FanOutResult(PublishResult):
+    """What a publish to several destinations did: a ``PublishResult`` per destination.
+
+    Returned when ``destination`` is a list or tuple, or is left out while ``DESTINATION_APP``
+    names several peers (a publish to one peer returns a plain ``PublishResult``, as it always
+    has). ``copies`` maps each destination, in settings order, to its copy's result (same
+    ``event_id``, its own ``subject`` and ``status``). The inherited fields describe the first
+    copy, so code written for one peer keeps working; read ``copies`` for the others.
+    """
+
+    copies: Mapping[str, PublishResult] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class _Request:
     """The fields a caller passed to ``publish``."""
 
@@ -196,10 +230,11 @@ class _Request:
     occurred_at: datetime | str | None
     resource_id: str | None
     headers: Mapping[str, str] | None
+    destination: Requested = None
 
 
 class Publisher:
-    """Publish events for ``DESTINATION_APP`` on ``{env}.data.sync.{app}.{dest}``.
+    """Publish events to the peers in ``DESTINATION_APP`` on ``{env}.data.sync.{app}.{dest}``.
 
     ``using`` names the database alias whose transaction the outbox row joins.
     """
@@ -220,25 +255,33 @@ class Publisher:
         occurred_at: datetime | str | None = None,
         resource_id: str | None = None,
         headers: Mapping[str, str] | None = None,
+        destination: str | Sequence[str] | None = None,
     ) -> PublishResult:
-        """Publish one event; raise ``InvalidEvent`` (nothing written) on bad input."""
-        event = self._prepare(
-            _Request(
-                resource_type,
-                event_type,
-                payload,
-                event_id,
-                trace_id,
-                occurred_at,
-                resource_id,
-                headers,
-            )
+        """Publish one event; raise ``InvalidEvent`` (nothing written) on bad input.
+
+        ``destination`` is one peer of ``DESTINATION_APP``, several (a list), or None: every
+        peer. A publish to one peer returns its ``PublishResult``, to several a
+        ``FanOutResult``. A peer not in ``DESTINATION_APP`` raises ``UnknownDestination``.
+        """
+        request = _Request(
+            resource_type,
+            event_type,
+            payload,
+            event_id,
+            trace_id,
+            occurred_at,
+            resource_id,
+            headers,
+            destination,
         )
-        if event.config.use_outbox:
-            return self._write_outbox(event)
-        if self._defer_until_commit(event):
-            return _result(event, "deferred")
-        return _result(event, "sent", _sender.send(event))
+        copies = self._prepare(request)
+        if copies[0].config.use_outbox:
+            results = self._write_outbox(copies)
+        elif self._defer_until_commit(copies):
+            results = [_result(copy, "deferred") for copy in copies]
+        else:
+            results = [_result(copy, "sent", _sender.send(copy)) for copy in copies]
+        return _report(request, copies, results)
 
     # -- async --------------------------------------------------------------------------------
 
@@ -253,32 +296,40 @@ class Publisher:
         occurred_at: datetime | str | None = None,
         resource_id: str | None = None,
         headers: Mapping[str, str] | None = None,
+        destination: str | Sequence[str] | None = None,
     ) -> PublishResult:
         """Async twin of ``publish``; database work runs in Django's sync thread."""
-        event = self._prepare(
-            _Request(
-                resource_type,
-                event_type,
-                payload,
-                event_id,
-                trace_id,
-                occurred_at,
-                resource_id,
-                headers,
-            )
+        request = _Request(
+            resource_type,
+            event_type,
+            payload,
+            event_id,
+            trace_id,
+            occurred_at,
+            resource_id,
+            headers,
+            destination,
         )
-        if event.config.use_outbox:
-            return await sync_to_async(self._write_outbox)(event)
-        if await sync_to_async(self._defer_until_commit)(event):
-            return _result(event, "deferred")
-        return _result(event, "sent", await _sender.send_async(event))
+        copies = self._prepare(request)
+        if copies[0].config.use_outbox:
+            results = await sync_to_async(self._write_outbox)(copies)
+        elif await sync_to_async(self._defer_until_commit)(copies):
+            results = [_result(copy, "deferred") for copy in copies]
+        else:
+            results = [_result(copy, "sent", await _sender.send_async(copy)) for copy in copies]
+        return _report(request, copies, results)
 
     # -- preparing and dispatching ------------------------------------------------------------
 
     @staticmethod
-    def _prepare(request: _Request) -> PreparedEvent:
-        """Build, validate and encode the envelope; raise ``InvalidEvent``/``PayloadTooLarge``."""
+    def _prepare(request: _Request) -> tuple[PreparedEvent, ...]:
+        """Build, validate and encode the envelope, one copy per destination.
+
+        Raise ``InvalidEvent``/``PayloadTooLarge``/``UnknownDestination`` before anything is
+        written.
+        """
         config = get_config()
+        targets = resolve(request.destination, config.destinations)
         envelope = build_envelope(
             producer=config.app_name,
             resource_type=request.resource_type,
@@ -290,7 +341,9 @@ class Publisher:
             resource_id=request.resource_id,
         )
         data = encode(envelope)
-        problem = storage_problem(envelope, data)
+        problem = storage_problem(envelope, data) or copy_id_problem(
+            envelope["event_id"], targets, config.destinations
+        )
         if problem:
             raise InvalidEvent(f"event {envelope['event_id']} cannot be stored: {problem}")
         limit = get_runtime().max_payload or DEFAULT_MAX_PAYLOAD
@@ -299,45 +352,79 @@ class Publisher:
                 f"event {envelope['event_id']} is {len(data)} bytes; the server accepts at most "
                 f"{limit}. Publish a reference (an id or URL) instead of the whole document."
             )
-        return PreparedEvent(
-            config,
-            envelope,
-            data,
-            {**_checked_headers(request.headers), MSG_ID_HEADER: envelope["event_id"]},
-            config.subjects.publish,
-            explicit_id=request.event_id is not None,
+        headers = _checked_headers(request.headers)
+        return tuple(
+            PreparedEvent(
+                config,
+                envelope,
+                data,
+                {
+                    **headers,
+                    MSG_ID_HEADER: message_id(envelope["event_id"], peer, config.destinations),
+                },
+                config.subjects_for(peer).publish,
+                explicit_id=request.event_id is not None,
+                destination=peer,
+            )
+            for peer in targets
         )
 
-    def _defer_until_commit(self, event: PreparedEvent) -> bool:
+    def _defer_until_commit(self, copies: Sequence[PreparedEvent]) -> bool:
         """Inside a transaction, send on commit (never on rollback); tell whether it did."""
         if not transaction.get_connection(self.using).in_atomic_block:
             return False
-        transaction.on_commit(
-            functools.partial(_sender.after_commit, event, self.using), using=self.using
-        )
-        logger.debug("publish deferred until commit", extra=event.log_fields())
+        for copy in copies:
+            transaction.on_commit(
+                functools.partial(_sender.after_commit, copy, self.using), using=self.using
+            )
+            logger.debug("publish deferred until commit", extra=copy.log_fields())
         return True
 
-    def _write_outbox(self, event: PreparedEvent) -> PublishResult:
-        pk, created = OutboxStore(event.config, using=self.using).write(
-            NewEvent(
-                event.event_id,
-                event.subject,
-                event.envelope,
-                {k: v for k, v in event.headers.items() if k != MSG_ID_HEADER},
-                event.explicit_id,
-                encoded=event.data.decode(),  # the bytes the fast path publishes, stored as is
+    def _write_outbox(self, copies: Sequence[PreparedEvent]) -> list[PublishResult]:
+        """One row per copy, all or none, in the caller's transaction; each sent after commit."""
+        written = OutboxStore(copies[0].config, using=self.using).write_many(
+            [
+                NewEvent(
+                    copy.msg_id,
+                    copy.subject,
+                    copy.envelope,
+                    {k: v for k, v in copy.headers.items() if k != MSG_ID_HEADER},
+                    copy.explicit_id,
+                    encoded=copy.data.decode(),  # the bytes the fast path publishes, as is
+                )
+                for copy in copies
+            ]
+        )
+        results = []
+        for copy, (pk, created) in zip(copies, written, strict=True):
+            if not created:
+                logger.info("event already in the outbox", extra=copy.log_fields())
+                results.append(_result(copy, "duplicate"))
+                continue
+            logger.debug("event written to the outbox", extra=copy.log_fields())
+            # on_commit runs at once when not in a transaction (the row is already committed).
+            transaction.on_commit(
+                functools.partial(_sender.after_commit, copy, self.using, pk), using=self.using
             )
-        )
-        if not created:
-            logger.info("event already in the outbox", extra=event.log_fields())
-            return _result(event, "duplicate")
-        logger.debug("event written to the outbox", extra=event.log_fields())
-        # on_commit runs at once when not in a transaction (the row is already committed).
-        transaction.on_commit(
-            functools.partial(_sender.after_commit, event, self.using, pk), using=self.using
-        )
-        return _result(event, "queued")
+            results.append(_result(copy, "queued"))
+        return results
+
+
+def _report(
+    request: _Request, copies: Sequence[PreparedEvent], results: Sequence[PublishResult]
+) -> PublishResult:
+    """One peer's ``PublishResult`` for a publish to one peer, else a ``FanOutResult``."""
+    if isinstance(request.destination, str) or (request.destination is None and len(results) == 1):
+        return results[0]
+    first = results[0]
+    return FanOutResult(
+        first.event_id,
+        first.subject,
+        first.status,
+        first.stream,
+        first.stream_seq,
+        copies={copy.destination: result for copy, result in zip(copies, results, strict=True)},
+    )
 
 
 def _checked_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -368,6 +455,7 @@ def _result(event: PreparedEvent, status: Status, ack: PubAck | None = None) -> 
 
 
 __all__ = [
+    "FanOutResult",
     "NatsSender",
     "PreparedEvent",
     "PubAck",

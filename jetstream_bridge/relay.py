@@ -34,6 +34,7 @@ from .conf import get_config
 from .core.errors import NatsError
 from .core.settings import BridgeConfig
 from .outbox import ClaimedRow, OutboxStore, Outcome
+from .provision import republish_missing
 from .runtime import get_runtime
 from .sql import postgresql
 from .stream_audit import warn_at_start
@@ -175,7 +176,11 @@ class Relay:
         items = [(row.subject, row.body, row.headers) for row in rows]
 
         async def job(conn: Connection) -> Results:
-            return await conn.publish_many(items, max_in_flight=self.max_in_flight)
+            results = await conn.publish_many(items, max_in_flight=self.max_in_flight)
+            # A subject no stream captures yet (a publish-only service): AUTO_PROVISION.
+            return await republish_missing(
+                conn, self.config, items, results, max_in_flight=self.max_in_flight
+            )
 
         return get_runtime().submit(job)
 

@@ -49,7 +49,7 @@ async def audit_streams_async(conn: Connection, config: BridgeConfig) -> list[St
         warning = retention_warning(name, info.config.retention, subjects)
         if warning:
             findings.append(StreamFinding(name, "retention", warning))
-        if config.subjects.publish in subjects:
+        if any(peer.publish in subjects for peer in config.peer_subjects):
             problem = window_problem(name, info.config.duplicate_window, config.relay_lease)
             if problem:
                 findings.append(StreamFinding(name, "duplicate-window", problem))

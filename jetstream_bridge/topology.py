@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -32,6 +33,8 @@ from .core.topology_plan import (
     consumer_config,
     consumer_differences,
     desired_subjects,
+    foreign_filter_problem,
+    peer_durables,
     plan_subjects,
     stream_config,
 )
@@ -61,7 +64,8 @@ class Action:
 class TopologyReport:
     stream: str
     actions: list[Action] = field(default_factory=list)
-    consumer_stream: str | None = None
+    consumer_stream: str | None = None  # the first durable's stream
+    consumer_streams: dict[str, str] = field(default_factory=dict)  # durable -> its stream
     applied: bool = False
     # What the streams holding our subjects do that the settings cannot fix (foreign
     # retention, a duplicate window too short for the relay lease); see ``stream_audit``.
@@ -277,16 +281,24 @@ async def _stream_capturing(conn: Connection, config: BridgeConfig, subject: str
 
 
 async def _ensure_consumer(
-    conn: Connection, config: BridgeConfig, durable: str, report: TopologyReport, *, dry_run: bool
+    conn: Connection,
+    config: BridgeConfig,
+    durable: str,
+    report: TopologyReport,
+    *,
+    dry_run: bool,
+    subject: str | None = None,
 ) -> None:
-    subject = config.subjects.subscribe
+    """Create or reconcile ``durable`` filtering ``subject`` (the default peer's by default)."""
+    subject = subject or config.subjects.subscribe
     stream = await _stream_capturing(conn, config, subject)
     if stream is None:
         if dry_run:
             stream = config.stream_name  # it would be created by this plan
         else:
             raise TopologyError(f"no stream captures {subject}; cannot create consumer {durable}")
-    report.consumer_stream = stream
+    report.consumer_stream = report.consumer_stream or stream
+    report.consumer_streams[durable] = stream
     desired = consumer_config(config, durable, subject)
     exists = await conn.jsm.stream_info(stream)
     info = await conn.jsm.consumer_info(stream, durable) if exists else None
@@ -294,6 +306,23 @@ async def _ensure_consumer(
         await _create_consumer(conn, config, stream, desired, report, dry_run=dry_run)
     else:
         await _update_consumer(conn, stream, desired, info, report, dry_run=dry_run)
+
+
+async def _refuse_reordered_peers(
+    conn: Connection, config: BridgeConfig, durable: str, report: TopologyReport
+) -> None:
+    """Refuse before any consumer changes when ``durable`` consumes another configured peer.
+
+    Checked for every peer set (``--from`` too): creating ``{durable}-{old default}`` would
+    replay that peer's whole history, re-filtering ``durable`` would skip the new default's.
+    """
+    subject = config.subjects.subscribe
+    stream = await _stream_capturing(conn, config, subject)
+    info = await conn.jsm.consumer_info(stream, durable) if stream else None
+    problem = info and foreign_filter_problem(config, durable, subject, info.config.filter_subject)
+    if problem:
+        report.add("refused", f"{stream}/{durable}", problem, change=True)
+        raise TopologyError(problem)
 
 
 async def _create_consumer(
@@ -318,7 +347,8 @@ async def _create_consumer(
             raise
         # Another process created it first; reconcile with what it made.
         report.actions.pop()
-        await _ensure_consumer(conn, config, durable, report, dry_run=dry_run)
+        subject = desired["filter_subject"]
+        await _ensure_consumer(conn, config, durable, report, dry_run=dry_run, subject=subject)
 
 
 async def _update_consumer(
@@ -375,9 +405,13 @@ async def ensure_topology_async(  # noqa: PLR0913 - public, keyword-only
     take_over: bool = False,
     allow_discard: bool = False,
     limits: bool = True,
+    peers: Sequence[str] | None = None,
 ) -> TopologyReport:
     """Make the stream, the DLQ's own stream (``dlq_stream``) and, with ``durable``, the
-    consumer match the settings.
+    consumers match the settings.
+
+    ``durable`` names the consumer of the default peer; every other peer (of ``peers``, by
+    default all of DESTINATION_APP) gets its own durable (``core/topology_plan.peer_durable``).
 
     With ``dry_run`` nothing is changed and the report says what would be. A stream limit
     another app enforces with another value is reported, not overwritten, unless
@@ -392,8 +426,28 @@ async def ensure_topology_async(  # noqa: PLR0913 - public, keyword-only
     await _ensure_stream(conn, config, report, dry_run=dry_run, limits=policy)
     await ensure_dlq_stream_async(conn, config, report, dry_run=dry_run, limits=limits)
     if durable:
-        await _ensure_consumer(conn, config, durable, report, dry_run=dry_run)
+        await _refuse_reordered_peers(conn, config, durable, report)
+        for peer, name in peer_durables(config, durable, peers).items():
+            subject = config.subjects_for(peer).subscribe
+            await _ensure_consumer(conn, config, name, report, dry_run=dry_run, subject=subject)
     report.warnings = [finding.message for finding in await audit_streams_async(conn, config)]
+    return report
+
+
+async def ensure_stream_async(conn: Connection, config: BridgeConfig) -> TopologyReport:
+    """The stream side of ``ensure_topology_async``: every peer's subjects, no consumer.
+
+    What ``AUTO_PROVISION`` runs when a publish finds no stream (``provision.py``); it raises
+    ``TopologyError`` when the stream cannot capture our subjects.
+    """
+    report = TopologyReport(stream=config.stream_name, applied=True)
+    # A publish path creates what is missing but never changes an existing stream's limits.
+    plan = await _ensure_stream(conn, config, report, dry_run=False, limits=_Limits(enforce=False))
+    if plan.add:
+        raise TopologyError(
+            f"stream {config.stream_name} did not take {', '.join(plan.add)} after "
+            f"{MAX_ATTEMPTS} attempts"
+        )
     return report
 
 
@@ -403,6 +457,7 @@ def ensure_topology(
     dry_run: bool = False,
     take_over: bool = False,
     allow_discard: bool = False,
+    peers: Sequence[str] | None = None,
 ) -> TopologyReport:
     """Sync twin of ``ensure_topology_async`` on the shared connection and current settings."""
     from .conf import get_config
@@ -417,5 +472,6 @@ def ensure_topology(
             dry_run=dry_run,
             take_over=take_over,
             allow_discard=allow_discard,
+            peers=peers,
         )
     )

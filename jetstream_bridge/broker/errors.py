@@ -21,6 +21,7 @@ from ..core.errors import (
     JetStreamBridgeError,
     NatsError,
     NatsUnavailable,
+    NoStreamForSubject,
     PublishFailed,
     StreamNotFound,
 )
@@ -91,10 +92,11 @@ def translate(exc: BaseException, what: str, servers: str) -> JetStreamBridgeErr
     return None
 
 
-def no_stream_for(subject: str) -> PublishFailed:
+def no_stream_for(subject: str) -> NoStreamForSubject:
     """Return the error for a publish that no stream captured."""
-    return PublishFailed(
-        f"no stream captures subject {subject!r}; run `manage.py jetstream_ensure_topology`"
+    return NoStreamForSubject(
+        f"no stream captures subject {subject!r}; run `manage.py jetstream_ensure_topology`",
+        subject=subject,
     )
 
 

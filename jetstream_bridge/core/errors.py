@@ -2,7 +2,8 @@
 
 JetStreamBridgeError                 root: catch this to catch everything the bridge raises
 ├── InvalidEvent                     publisher input that cannot become an envelope
-│   └── PayloadTooLarge              encoded event exceeds the server's max payload
+│   ├── PayloadTooLarge              encoded event exceeds the server's max payload
+│   └── UnknownDestination           publish(destination=...) names a peer not in DESTINATION_APP
 ├── MalformedEnvelope                a received message that is not a valid envelope
 ├── RejectMessage                    raised by a handler: dead-letter this message now
 ├── NatsError                        anything that went wrong talking to NATS
@@ -11,6 +12,7 @@ JetStreamBridgeError                 root: catch this to catch everything the br
 │   └── JetStreamApiError            the JetStream API answered with an error code
 │       └── StreamNotFound / ConsumerNotFound
 ├── PublishFailed                    a publish was not acknowledged by the stream
+│   └── NoStreamForSubject           no stream captures the subject (the server said 503)
 └── TopologyError                    stream/consumer provisioning could not converge
 
 ``jetstream_bridge.exceptions.ConfigurationError`` (Django's ``ImproperlyConfigured``) lives in
@@ -30,6 +32,10 @@ class InvalidEvent(JetStreamBridgeError, ValueError):
 
 class PayloadTooLarge(InvalidEvent):
     """The encoded event is larger than the server accepts."""
+
+
+class UnknownDestination(InvalidEvent):
+    """``publish(destination=...)`` names a peer that is not in ``DESTINATION_APP``."""
 
 
 class MalformedEnvelope(JetStreamBridgeError, ValueError):
@@ -78,5 +84,17 @@ class PublishFailed(JetStreamBridgeError):
     """A publish was not acknowledged by any stream."""
 
 
+class NoStreamForSubject(PublishFailed):
+    """No stream captures ``subject``: the server answered the publish with "no responders"."""
+
+    def __init__(self, message: str, *, subject: str) -> None:
+        super().__init__(message)
+        self.subject = subject
+
+
 class TopologyError(JetStreamBridgeError):
     """Stream or consumer provisioning failed."""
+
+
+class UnknownPeer(JetStreamBridgeError, ValueError):
+    """A peer was named (``--from``, ``Consumer(peers=...)``) that ``DESTINATION_APP`` lacks."""

@@ -116,6 +116,19 @@ class Subjects:
         return f"{self.env}.data.sync.{self.destination}.{self.app}"
 
 
+def producer_of(subject: str, env: str, app: str) -> str | None:
+    """Return the peer that published ``subject`` to ``app``, or ``None`` for any other subject.
+
+    ``{env}.data.sync.{producer}.{app}`` names its producer; the server sets a message's subject,
+    so unlike a header a sender cannot claim to be another peer on a subject it cannot write.
+    """
+    tokens = subject.split(".")
+    if len(tokens) != 5 or tokens[:3] != [env, "data", "sync"] or tokens[4] != app:
+        return None
+    producer = tokens[3]
+    return None if token_problem(producer) else producer
+
+
 def dlq_subject(env: str) -> str:
     return f"{env}.data.sync.dlq"
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .durations import NANOS_PER_SECOND, format_duration, to_nanos
+from .errors import UnknownPeer
 from .settings import BridgeConfig
 from .stream_plan import creation_metadata
 from .subjects import covers, is_reserved
@@ -38,8 +39,14 @@ class SubjectPlan:
 
 
 def desired_subjects(config: BridgeConfig) -> list[str]:
-    """The subjects the events' stream should capture (the DLQ only when it is shared)."""
-    subjects = [config.subjects.publish, config.subjects.subscribe]
+    """Every subject the events' stream must capture: each peer's publish and subscribe, then
+    the DLQ when it shares the events' stream (``DLQ_STREAM_NAME`` equal to ``STREAM_NAME``).
+
+    With one peer this is today's list, in today's order.
+    """
+    subjects = [
+        subject for peer in config.peer_subjects for subject in (peer.publish, peer.subscribe)
+    ]
     if config.use_dlq and not config.separate_dlq_stream:
         subjects.append(config.subjects.dlq)
     for subject in subjects:
@@ -90,6 +97,59 @@ def stream_config(config: BridgeConfig, subjects: Sequence[str]) -> dict[str, An
         # Who enforces which limit, for services sharing the stream (core/stream_plan.py).
         "metadata": creation_metadata(config),
     }
+
+
+def consumer_peers(config: BridgeConfig, peers: Sequence[str] | None = None) -> tuple[str, ...]:
+    """Return the peers to consume from: ``peers`` (validated) or every destination."""
+    if not peers:
+        return config.destinations
+    unknown = [peer for peer in peers if peer not in config.destinations]
+    if unknown:
+        raise UnknownPeer(
+            f"{', '.join(map(repr, unknown))} is not a configured peer; DESTINATION_APP names "
+            f"{', '.join(config.destinations)}. Name one of those, or add the peer to "
+            "DESTINATION_APP (after the existing ones)."
+        )
+    return tuple(dict.fromkeys(peers))
+
+
+def peer_durable(config: BridgeConfig, durable: str, peer: str) -> str:
+    """The durable consuming what ``peer`` sends us.
+
+    The default peer (the first destination) keeps ``durable`` itself, so a single-peer service
+    and the Ruby gem keep their consumer; every other peer gets ``{durable}-{peer}``, its own
+    durable with its own position, pending limit and inbox key.
+    """
+    return durable if peer == config.destination_app else f"{durable}-{peer}"
+
+
+def peer_durables(
+    config: BridgeConfig, durable: str, peers: Sequence[str] | None = None
+) -> dict[str, str]:
+    """``peer_durable`` for each of ``consumer_peers(config, peers)``, in that order."""
+    return {peer: peer_durable(config, durable, peer) for peer in consumer_peers(config, peers)}
+
+
+def foreign_filter_problem(
+    config: BridgeConfig, durable: str, wanted: str, current: str | None
+) -> str | None:
+    """Say why re-filtering ``durable`` from ``current`` to ``wanted`` must not happen.
+
+    When the durable already consumes another configured peer's subject, the settings changed
+    which peer is the default (the first of DESTINATION_APP): re-filtering would skip the new
+    default peer's history and give the old one a fresh durable replaying all of its events.
+    """
+    if not current or current == wanted:
+        return None
+    for peer in config.destinations:
+        if config.subjects_for(peer).subscribe == current:
+            return (
+                f"consumer {durable} consumes from peer {peer!r} ({current}), but the first "
+                f"DESTINATION_APP is now {config.destination_app!r}. Keep {peer!r} first in "
+                "DESTINATION_APP (the first peer keeps the durable's name) and add new peers "
+                "after it."
+            )
+    return None
 
 
 def dlq_stream_config(config: BridgeConfig) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from ..core import dead_letter as core_dlq
 from ..core.durations import format_age, format_duration
 from ..dlq import DeadLetterMessage
-from ..health import ConsumerLag, HealthReport, OutboxBacklog
+from ..health import ConsumerLag, Destination, HealthReport, OutboxBacklog
 from ..purge import Purged
 
 
@@ -30,6 +30,8 @@ def health_lines(report: HealthReport) -> list[str]:
         )
         lines.append(f"stream       {stream.name}: {state}")
         lines += [f"  {s}  ->  {owner or 'NO STREAM'}" for s, owner in report.subjects.items()]
+    if len(report.destinations) > 1:  # one peer: the subjects above say it all
+        lines += _destination_lines(report.destinations)
     if report.consumers:
         lines += _consumer_lines(report.consumers)
     if report.outbox is not None:
@@ -57,6 +59,15 @@ def _server_lines(report: HealthReport) -> list[str]:
         f"server       {server}",
         f"jetstream    {'enabled' if report.jetstream else 'NOT AVAILABLE'}",
     ]
+
+
+def _destination_lines(destinations: Sequence[Destination]) -> list[str]:
+    width = max(len(d.peer) for d in destinations)
+    lines = ["destinations"]
+    for d in destinations:
+        unsent = "" if d.unsent is None else f", {d.unsent} unsent"
+        lines.append(f"  {d.peer.ljust(width)}  {d.subject}  ->  {d.stream or 'NO STREAM'}{unsent}")
+    return lines
 
 
 def _consumer_lines(consumers: Sequence[ConsumerLag]) -> list[str]:

@@ -7,11 +7,14 @@
     capture.assert_published(resource_type="order", event_type="created",
                              payload_contains={"number": "A-1"})
 
-or, with the pytest plugin, the ``jetstream_capture`` fixture. Only the send is replaced:
-envelopes are built and validated as usual, the outbox row is still written in your
-transaction (and stays ``pending``: nothing left the process), and an event is captured when
-it would be sent: at once outside a transaction, after commit inside one, never after a
-rollback.
+or, with the pytest plugin, the ``jetstream_capture`` fixture. With several peers in
+``DESTINATION_APP`` each destination's copy is captured on its own, with its ``destination``:
+``capture.assert_published(event_type="created", destination="billing")``.
+
+Only the send is replaced: envelopes are built and validated as usual, the outbox row is
+still written in your transaction (and stays ``pending``: nothing left the process), and an
+event is captured when it would be sent: at once outside a transaction, after commit inside
+one, never after a rollback.
 
 Events are captured on commit, and pytest-django's ``django_db`` tests never commit. There,
 wrap the code in ``django_capture_on_commit_callbacks(execute=True)`` or use
@@ -30,24 +33,27 @@ from typing import Any
 
 from django.db import connections
 
+from ..core.envelope import MSG_ID_HEADER
 from ..publisher import PreparedEvent, PubAck, Sender, use_sender
 
 
 @dataclass(frozen=True)
 class CapturedMessage:
-    """One message as it would have gone over the wire."""
+    """One message as it would have gone over the wire (``destination``: the peer it is for)."""
 
     subject: str
     envelope: dict[str, Any]
     headers: dict[str, str]
     data: bytes
+    destination: str = ""
 
 
 class Capture(Sender):
     """Record sends instead of publishing them; the assertion helpers read the record.
 
-    Like the stream, it drops a second message with an ``event_id`` it already holds (the
-    publish then reports ``duplicate``).
+    Like the stream, it drops a second message with a ``Nats-Msg-Id`` it already holds (the
+    publish then reports ``duplicate``): the ``event_id`` for the default peer's copy,
+    ``{event_id}~{peer}`` for another peer's.
     """
 
     def __init__(self) -> None:
@@ -58,7 +64,7 @@ class Capture(Sender):
 
     def _record(self, event: PreparedEvent) -> PubAck:
         with self._lock:
-            duplicate = any(m.envelope["event_id"] == event.event_id for m in self._messages)
+            duplicate = any(m.headers[MSG_ID_HEADER] == event.msg_id for m in self._messages)
             if not duplicate:
                 self._messages.append(
                     CapturedMessage(
@@ -66,6 +72,7 @@ class Capture(Sender):
                         json.loads(event.data),
                         dict(event.headers),
                         event.data,
+                        event.destination,
                     )
                 )
             return PubAck(event.config.stream_name, len(self._messages), duplicate)
@@ -89,7 +96,10 @@ class Capture(Sender):
 
     @property
     def events(self) -> list[dict[str, Any]]:
-        """Every captured envelope, in the order it would have reached the stream."""
+        """Every captured envelope, in the order it would have reached the stream.
+
+        One per message: an event published to several peers appears once per destination.
+        """
         return [message.envelope for message in self.messages]
 
     def clear(self) -> None:
@@ -104,8 +114,12 @@ class Capture(Sender):
         event_type: str | None = None,
         resource_id: str | None = None,
         payload_contains: Mapping[str, Any] | None = None,
+        destination: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Return the captured envelopes that match every given criterion."""
+        """Return the captured envelopes that match every given criterion.
+
+        ``destination`` keeps the copies for that peer only.
+        """
         wanted = {
             key: value
             for key, value in (
@@ -116,10 +130,14 @@ class Capture(Sender):
             if value is not None
         }
         return [
-            envelope
-            for envelope in self.events
-            if all(envelope.get(key) == value for key, value in wanted.items())
-            and (payload_contains is None or _contains(envelope.get("payload"), payload_contains))
+            message.envelope
+            for message in self.messages
+            if all(message.envelope.get(key) == value for key, value in wanted.items())
+            and (destination is None or message.destination == destination)
+            and (
+                payload_contains is None
+                or _contains(message.envelope.get("payload"), payload_contains)
+            )
         ]
 
     def assert_published(
@@ -130,23 +148,27 @@ class Capture(Sender):
         resource_id: str | None = None,
         payload_contains: Mapping[str, Any] | None = None,
         count: int | None = None,
+        destination: str | None = None,
     ) -> dict[str, Any]:
         """Assert a matching event was published (exactly ``count`` of them, if given).
 
-        ``payload_contains`` matches a subset of the payload, recursively for nested dicts.
-        Return the first matching envelope.
+        ``payload_contains`` matches a subset of the payload, recursively for nested dicts;
+        ``destination`` counts only the copies for that peer. Return the first matching
+        envelope.
         """
         criteria = {
             "resource_type": resource_type,
             "event_type": event_type,
             "resource_id": resource_id,
             "payload_contains": payload_contains,
+            "destination": destination,
         }
         matches = self.filter(
             resource_type=resource_type,
             event_type=event_type,
             resource_id=resource_id,
             payload_contains=payload_contains,
+            destination=destination,
         )
         wanted = ", ".join(f"{key}={value!r}" for key, value in criteria.items() if value)
         wanted = wanted or "any event"
@@ -176,9 +198,13 @@ class Capture(Sender):
                 )
             return text
         lines = [f"{len(events)} event(s) were published:"]
-        for number, envelope in enumerate(events, 1):
+        messages = self.messages
+        several = len({message.destination for message in messages}) > 1
+        for number, message in enumerate(messages, 1):
+            envelope = message.envelope
+            to = f" to {message.destination}" if several else ""
             lines.append(
-                f"  {number}. {envelope.get('resource_type')}/{envelope.get('event_type')} "
+                f"  {number}. {envelope.get('resource_type')}/{envelope.get('event_type')}{to} "
                 f"resource_id={envelope.get('resource_id')!r} "
                 f"payload={pprint.pformat(envelope.get('payload'), compact=True, width=200)}"
             )

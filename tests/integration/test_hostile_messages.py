@@ -170,7 +170,7 @@ def test_hostile__row_the_database_refuses_fails_only_its_message(bridge: Any) -
 class ExplodingRegistry(HandlerRegistry):
     """Fails outside any handler for resource type ``bomb``: an error nothing expects."""
 
-    def resolve(self, resource_type: str, event_type: str) -> Any:
+    def resolve(self, resource_type: str, event_type: str, producer: str | None = None) -> Any:
         if resource_type == "bomb":
             raise RuntimeError("resolve exploded")
         return handlers.record_effect

@@ -56,6 +56,7 @@ class BridgeConfig:
     stream_max_age: float | None = None
     stream_max_bytes: int | None = None
     duplicate_window: float = 120.0
+    auto_provision: bool = True
     connect_timeout: float = 5.0
     request_timeout: float = 5.0
     connection_name: str | None = None

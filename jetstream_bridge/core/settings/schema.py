@@ -320,6 +320,15 @@ SETTINGS: tuple[Setting, ...] = (
         details="must exceed `RELAY_LEASE`",
     ),
     Setting(
+        key="AUTO_PROVISION",
+        kind=Boolean(),
+        default=True,
+        doc="when a publish finds no stream capturing its subject, create this service's "
+        "subjects (as `jetstream_ensure_topology` does, stream side) once per process and retry",
+        details="set it to False where the service's NATS user may not manage streams; its "
+        "publishes then fail with an error naming who must run `jetstream_ensure_topology`",
+    ),
+    Setting(
         key="CONNECT_TIMEOUT",
         kind=Duration(),
         default="5s",

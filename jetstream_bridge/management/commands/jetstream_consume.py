@@ -8,6 +8,7 @@ from django.core.management.base import CommandError
 from ...conf import get_config
 from ...consumer import Consumer
 from ...core.retention import inbox_horizon_warning
+from ...core.topology_plan import peer_durables
 from ...handlers import load_handler
 from ...inbox import InboxStore
 from ..base import WorkerCommand, duration_arg
@@ -16,14 +17,22 @@ from ..render import purged_line
 
 class Command(WorkerCommand):
     help = (
-        "Consume events sent to this app with a durable pull consumer. SIGTERM/SIGINT "
-        "finish the batch in hand, settle it and exit 0. Waits for NATS at start-up "
-        "unless --no-wait."
+        "Consume events sent to this app by every peer in DESTINATION_APP (or those named "
+        "with --from), one durable per peer: the first peer's is --durable, every other "
+        "peer's --durable-PEER. SIGTERM/SIGINT finish the batches in hand, settle them and "
+        "exit 0. Waits for NATS at start-up unless --no-wait."
     )
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         super().add_arguments(parser)
         parser.add_argument("--durable", required=True, help="durable consumer name")
+        parser.add_argument(
+            "--from",
+            dest="peers",
+            action="append",
+            metavar="PEER",
+            help="consume only what PEER sends (repeatable; default: every DESTINATION_APP)",
+        )
         parser.add_argument("--batch-size", type=int, default=25, help="messages per fetch")
         parser.add_argument(
             "--handler",
@@ -68,6 +77,7 @@ class Command(WorkerCommand):
             idle_timeout=options["idle_timeout"],
             max_messages=options["max_messages"],
             stop_when_idle=options["stop_when_idle"],
+            peers=options["peers"],
         )
         if not self.nats_ready(consumer.stop, options):
             return
@@ -82,8 +92,12 @@ class Command(WorkerCommand):
         warning = inbox_horizon_warning(age, config.stream_max_age)
         if warning:
             self.stderr.write(f"warning: {warning}")
-        purged = InboxStore(config, using=options["database"]).purge_processed(
-            age, include_failed=options["purge_failed"], consumer=options["durable"]
-        )
+        store = InboxStore(config, using=options["database"])
         what = "processed or failed" if options["purge_failed"] else "processed"
-        self.stdout.write(purged_line("inbox", what, purged, age))
+        durables = peer_durables(config, options["durable"], options["peers"]).values()
+        for durable in durables:
+            purged = store.purge_processed(
+                age, include_failed=options["purge_failed"], consumer=durable
+            )
+            table = "inbox" if len(durables) == 1 else f"inbox ({durable})"
+            self.stdout.write(purged_line(table, what, purged, age))
