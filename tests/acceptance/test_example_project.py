@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,13 +37,21 @@ def run(
     )
 
 
-def test_demo__events_cross_both_ways_and_one_lands_in_the_dlq() -> None:
+def test_demo__three_services_each_direction_exactly_once_and_one_in_the_dlq() -> None:
     result = run([sys.executable, "example_project/demo.py"], cwd=ROOT, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
+    # (published from the sender's outbox, handled once by the receiver's inbox) per direction:
+    # billing rejects the zero-total order, shipping ships it.
     assert "| orders -> billing  |                       6 |                    5 |" in out
+    assert "| orders -> shipping |                       6 |                    6 |" in out
     assert "| billing -> orders  |                       5 |                    5 |" in out
-    assert "reason=rejected" in out
+    assert "| shipping -> orders |                       6 |                    6 |" in out
+    # The one dead letter is the poison order's event, the id both peers received.
+    poison = re.findall(r"placed order \w+ \(0\.00\) -> event (\S+)", out)
+    letters = re.findall(r"^DLQ: event (\S+) reason=(\w+)", out, flags=re.M)
+    assert len(poison) == 1, out
+    assert letters == [(poison[0], "rejected")], out
     assert "OK: every event crossed exactly once" in out
 
 

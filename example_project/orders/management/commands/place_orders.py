@@ -7,13 +7,16 @@ from typing import Any
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
-from jetstream_bridge import Publisher
+from jetstream_bridge import FanOutResult, Publisher
 
 from ...models import Order
 
 
 class Command(BaseCommand):
-    help = "Place orders; each one and its 'order.created' event commit together."
+    help = (
+        "Place orders; each one and its 'order.created' event commit together. The event goes "
+        "to every peer in DESTINATION_APP: one copy each, all with the same event_id."
+    )
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument("--count", type=int, default=5)
@@ -32,7 +35,11 @@ class Command(BaseCommand):
                     event_type="created",
                     payload={"id": order.pk, "number": order.number, "total_cents": total},
                 )
+            # With several peers one publish makes a copy per peer, all with the same event_id.
+            sent_to = (
+                ", ".join(result.copies) if isinstance(result, FanOutResult) else result.subject
+            )
             self.stdout.write(
                 f"placed order {order.number} ({total / 100:.2f}) -> "
-                f"event {result.event_id} [{result.status}]"
+                f"event {result.event_id} to {sent_to} [{result.status}]"
             )
