@@ -55,6 +55,16 @@ def test_demo__three_services_each_direction_exactly_once_and_one_in_the_dlq() -
     assert "OK: every event crossed exactly once" in out
 
 
+def test_demo_requirements__are_the_bridge_dependencies_and_the_server_extra() -> None:
+    # make demo installs example_project/requirements.txt instead of building the package.
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {*project["dependencies"], *project["optional-dependencies"]["server"]}
+    lines = (EXAMPLE / "requirements.txt").read_text().splitlines()
+    listed = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+    assert listed == wanted
+
+
 def test_check_deploy__without_destination_app_reports_E003_and_fails(tmp_path: Path) -> None:
     env = {"DEMO_DATA_DIR": str(tmp_path)}
     result = run([sys.executable, "manage.py", "check", "--deploy"], env=env)
