@@ -392,7 +392,9 @@ def test_gem_dead_letter__listed_shown_and_replayed_to_our_inbound_subject(
     assert (again.processed, again.duplicates, again.skipped) == (0, 0, 1)
     assert effects() == [event_id]
     assert dlq.depth().messages == 0
-    alpha_rails = rails(config, app="alpha", destination="beta")
+    # The copy reaches the Rails durable it is for (its inbox absorbs the redeliveries the
+    # gem's 1-microsecond ack_wait causes).
+    alpha_rails = rails(config, app="alpha", destination="beta", use_inbox=True)
     handled = peer_run(nats_server, alpha_rails, lambda p: p.consume(lambda e, s, d: None))
     assert handled.handled == [event_id]
 
