@@ -159,7 +159,8 @@ class DeadLetterAdmin(_ModelAdmin):
     # -- actions -------------------------------------------------------------------------------
 
     def replay_view(self, request: HttpRequest) -> HttpResponse:
-        """Republish the selected letters to their original subjects (``dlq.replay``)."""
+        """Republish the selected letters to their original subjects (``dlq.replay``), each
+        for the durable that dead-lettered it only; broadcasting is the command's business."""
         if request.method != "POST":
             return HttpResponseNotAllowed(["POST"])
         self._check(request, "replay")

@@ -40,7 +40,7 @@ def test_browser__operator_finds_a_dead_letter_reads_it_and_replays_it(
     page: Page, jetstream_bridge: Any
 ) -> None:
     bridge = jetstream_bridge
-    ensure_topology()
+    ensure_topology(durable="alpha-events")  # the durable a replay is for
     rejected, event_id = dead_letter(bridge, reason="rejected", consumer="alpha-events")
     other, _ = dead_letter(bridge, reason="max_deliver", consumer="alpha-events")
     superuser("admin")
@@ -71,6 +71,7 @@ def test_browser__operator_finds_a_dead_letter_reads_it_and_replays_it(
         bridge.subjects.subscribe,
         str(rejected),
     )
+    assert copy.headers[letters.REPLAY_FOR] == "alpha-events"
 
 
 def test_browser__operator_purges_selected_letters_after_confirming(

@@ -36,7 +36,8 @@ DURABLE = "alpha-events"
 
 @pytest.fixture
 def bridge(jetstream_bridge: Any) -> Any:
-    ensure_topology()
+    # The durable the letters name: a replay is for the consumer that dead-lettered it only.
+    ensure_topology(durable=DURABLE)
     return jetstream_bridge
 
 
@@ -200,8 +201,31 @@ def test_dead_letters__detail_shows_every_header_and_the_indented_body(
     missing = admin_client.get(f"{DEAD_LETTERS}999999/")
     assert missing.status_code == 404
     assert 'id="jsb-dlq-missing"' in missing.content.decode()
-    publish_incoming(bridge, 1)  # a sequence that holds an event, not a letter
+    # Letters live in the DLQ's own stream: an event's sequence in the events' stream names
+    # no letter (the DLQ stream ends at the one letter above).
+    publish_incoming(bridge, 2)
     event = stream_messages(bridge.stream_name)[-1]
+    assert event.seq > seq
+    assert admin_client.get(f"{DEAD_LETTERS}{event.seq}/").status_code == 404
+
+
+def test_dead_letters__detail_in_the_shared_layout_is_404_for_an_event(
+    admin_client: Client, jetstream_bridge: Any, settings: Any
+) -> None:
+    settings.JETSTREAM_BRIDGE = {
+        **settings.JETSTREAM_BRIDGE,
+        "DLQ_STREAM_NAME": jetstream_bridge.stream_name,
+    }
+    ensure_topology()
+    bridge = get_config()
+    seq, event_id = dead_letter(bridge)
+    publish_incoming(bridge, 1)  # the same stream: the next sequence holds an event
+    event = stream_messages(bridge.stream_name)[-1]
+    assert event.seq > seq
+    assert event.subject != bridge.subjects.dlq
+    shown = admin_client.get(f"{DEAD_LETTERS}{seq}/")
+    assert (shown.status_code, shown.context["letter"] is not None) == (200, True)
+    assert event_id in shown.content.decode()
     assert admin_client.get(f"{DEAD_LETTERS}{event.seq}/").status_code == 404
 
 
@@ -255,6 +279,8 @@ def test_dead_letters__replay_one_republishes_it_logs_who_and_leaves_the_dlq(
     assert response["Location"] == f"{DEAD_LETTERS}?reason=rejected"
     copy = stream_messages(bridge.stream_name)[-1]
     assert (copy.subject, copy.headers[letters.REPLAY_OF]) == (bridge.subjects.subscribe, str(seq))
+    # For the consumer that dead-lettered it only, like `jetstream_dlq replay`.
+    assert copy.headers[letters.REPLAY_FOR] == DURABLE
     assert f'"event_id":"{event_id}"' in copy.data.decode()
     assert dlq_seqs() == [kept]
     followed = admin_client.get(response["Location"])
@@ -283,14 +309,16 @@ def test_dead_letters__replay_selected_reports_letters_it_must_not_replay(
 ) -> None:
     good, _ = dead_letter(bridge)
     elsewhere, _ = dead_letter(bridge, subject=f"{bridge.env}.data.sync.gamma.delta")
+    unknown, _ = dead_letter(bridge, consumer="beta-events")  # no such durable on the subject
     response = admin_client.post(
-        REPLAY, {"seq": [str(good), str(elsewhere), "999999"]}, follow=True
+        REPLAY, {"seq": [str(good), str(elsewhere), str(unknown), "999999"]}, follow=True
     )
-    [done, refused, gone] = messages_of(response)
+    [done, refused, no_durable, gone] = messages_of(response)
     assert done.startswith(f"Replayed 1 dead letter(s): {good} as stream sequence ")
     assert refused.startswith(f"Dead letter {elsewhere} not replayed: refusing to publish to")
+    assert no_durable.startswith(f"Dead letter {unknown} not replayed: no durable 'beta-events'; ")
     assert gone == "1 dead letter(s) were gone already."
-    assert dlq_seqs() == [elsewhere]
+    assert dlq_seqs() == [elsewhere, unknown]
     assert LogEntry.objects.get().object_id == str(good)
 
     bad = admin_client.post(REPLAY, {"seq": ["1; DROP"]}, follow=True)

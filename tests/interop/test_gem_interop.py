@@ -2,6 +2,11 @@
 
 The Ruby side is ``tests/interop/gem_peer.py``: it does on the wire what the gem (v2.0.0, the
 last release with this bridge's subjects) does. Each test says which behaviour it pins.
+
+The bridge keeps its dead letters in a stream of their own (``DLQ_STREAM_NAME``, by default
+``{STREAM_NAME}-dlq``): the gem's ensure then finds the DLQ subject taken and leaves it there,
+and the gem's letters survive. ``DLQ_STREAM_NAME`` equal to ``STREAM_NAME`` is the gem's own
+shared layout, where its letters are dropped as duplicates (pinned below).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from jetstream_bridge.consumer import Consumer
 from jetstream_bridge.core import dead_letter as letters
 from jetstream_bridge.core.durations import to_nanos
 from jetstream_bridge.core.envelope import MSG_ID_HEADER
+from jetstream_bridge.core.topology_plan import dlq_stream_config
 from jetstream_bridge.relay import Relay
 from jetstream_bridge.topology import ensure_topology
 from tests.helpers import consumer_answer, manage, nats, stream_answer, stream_messages
@@ -95,7 +101,11 @@ def test_bridge_to_gem__outbox_and_relay_events_reach_the_peer_once_each(
     config = configure(settings, OUTBOX_FAST_PATH=False)
     ensure_topology()
     gem = rails(config, use_inbox=True)  # the gem's generator turns its inbox on
-    assert peer_run(nats_server, gem, connect_ensure) == "covered"
+    # Our DLQ stream holds the DLQ subject the gem also wants: its ensure sends no update.
+    assert peer_run(nats_server, gem, connect_ensure) == "blocked"
+    assert sorted(stream_answer(config.stream_name)["config"]["subjects"]) == sorted(
+        [config.subjects.publish, config.subjects.subscribe]
+    )
     peer_run(nats_server, gem, lambda p: p.ensure_consumer())
     with transaction.atomic():
         ids = [
@@ -246,10 +256,10 @@ def test_gem_interest_stream__bridge_adds_its_subjects_and_keeps_its_retention(
 
 
 def separate_dlq_stream(config: Any) -> str:
-    """A stream of its own capturing the DLQ subject, as the DLQ-stream option creates."""
-    name = f"{config.env}-jetstream-bridge-dlq"
-    nats(lambda c: c.jsm.create_stream({"name": name, "subjects": [config.subjects.dlq]}))
-    return name
+    """The bridge's DLQ stream (``DLQ_STREAM_NAME``), made before anything else has run: what
+    a gem service meets once a bridge service has started."""
+    nats(lambda c: c.jsm.create_stream(dlq_stream_config(config)))
+    return str(config.dlq_stream_name)
 
 
 def test_gem_ensure__converges_with_a_separate_dlq_stream(
@@ -289,11 +299,15 @@ def rails_alpha_dead_letters(config: Any, nats_server: Any, **options: Any) -> t
 
 @pytest.mark.parametrize("dlq_headers", ["v2.0", "v2.4"])
 def test_gem_dead_letter__in_the_shared_stream_is_dropped_as_a_duplicate(
-    jetstream_bridge: Any, nats_server: Any, dlq_headers: str
+    jetstream_bridge: Any, nats_server: Any, settings: Any, dlq_headers: str
 ) -> None:
-    """The gem keeps the event's Nats-Msg-Id on the letter: the stream's dedupe drops it."""
-    config = jetstream_bridge
+    """The gem keeps the event's Nats-Msg-Id on the letter: in the shared layout (one stream
+    for events and letters, ``DLQ_STREAM_NAME`` = ``STREAM_NAME``) the dedupe drops it."""
+    config = configure(settings, DLQ_STREAM_NAME=jetstream_bridge.stream_name)
     ensure_topology()
+    assert sorted(stream_answer(config.stream_name)["config"]["subjects"]) == sorted(
+        [config.subjects.publish, config.subjects.subscribe, config.subjects.dlq]
+    )
     _, stats = rails_alpha_dead_letters(
         config, nats_server, backoff=("1s", "1s"), dlq_headers=dlq_headers
     )
@@ -302,12 +316,28 @@ def test_gem_dead_letter__in_the_shared_stream_is_dropped_as_a_duplicate(
     assert dlq.depth().messages == 0
 
 
+def test_gem_dead_letter__in_the_bridges_dlq_stream_survives(
+    jetstream_bridge: Any, nats_server: Any
+) -> None:
+    """The default layout: the DLQ stream has not seen the event's Nats-Msg-Id, so it keeps it."""
+    config = jetstream_bridge
+    ensure_topology()
+    envelope, stats = rails_alpha_dead_letters(config, nats_server, backoff=("1s", "1s"))
+    [landed] = stats.dead_letters
+    assert (landed["stream"], landed["duplicate"]) == (config.dlq_stream_name, None)
+    [letter] = dlq.list_dead_letters()[1]
+    assert (letter.stream, letter.seq) == (config.dlq_stream_name, landed["seq"])
+    # v2.0 letters carry the event as it came, under its own Nats-Msg-Id: kept, not deduped.
+    assert letter.headers[MSG_ID_HEADER] == envelope["event_id"]
+    assert json.loads(letter.data) == envelope
+
+
 def test_gem_dead_letter__listed_shown_and_replayed_to_our_inbound_subject(
     jetstream_bridge: Any, nats_server: Any, subprocess_env: dict[str, str]
 ) -> None:
     config = jetstream_bridge
-    dlq_stream = separate_dlq_stream(config)
     ensure_topology(durable=DURABLE)
+    dlq_stream = config.dlq_stream_name
     envelope, stats = rails_alpha_dead_letters(
         config, nats_server, backoff=("1s", "1s"), dlq_headers="v2.4"
     )
@@ -355,18 +385,24 @@ def test_gem_dead_letter__listed_shown_and_replayed_to_our_inbound_subject(
     copies = on_subject(config.stream_name, config.subjects.subscribe)
     assert [m.headers.get(letters.REPLAY_OF) for m in copies] == [None, str(landed["seq"])]
     assert json.loads(copies[1].data)["event_id"] == event_id
-    # The Django consumer has handled the event already: its inbox acks the copy.
+    # The copy is for the Rails durable that dead-lettered it: the Django durable, which has
+    # handled the event already, acks it without running its handler.
+    assert copies[1].headers[letters.REPLAY_FOR] == rails_durable
     again = consume()
-    assert (again.processed, again.duplicates) == (0, 1)
+    assert (again.processed, again.duplicates, again.skipped) == (0, 0, 1)
     assert effects() == [event_id]
     assert dlq.depth().messages == 0
+    # The copy reaches the Rails durable it is for (its inbox absorbs the redeliveries the
+    # gem's 1-microsecond ack_wait causes).
+    alpha_rails = rails(config, app="alpha", destination="beta", use_inbox=True)
+    handled = peer_run(nats_server, alpha_rails, lambda p: p.consume(lambda e, s, d: None))
+    assert handled.handled == [event_id]
 
 
 def test_gem_dead_letter__garbled_context_never_stops_a_listing(
     jetstream_bridge: Any, nats_server: Any, subprocess_env: dict[str, str]
 ) -> None:
     config = jetstream_bridge
-    separate_dlq_stream(config)
     ensure_topology()
     _, stats = rails_alpha_dead_letters(config, nats_server, backoff=("1s", "1s"))
     [good] = stats.dead_letters
@@ -397,7 +433,6 @@ def test_gem_dead_letter__of_another_apps_subject_is_replayed_only_when_named(
 ) -> None:
     """The Rails "beta" fails an event alpha sent it: not our inbound subject, so named only."""
     config = jetstream_bridge
-    separate_dlq_stream(config)
     ensure_topology()
     alpha_rails = rails(config, app="alpha", destination="beta")
     envelope, _ = peer_run(
