@@ -255,3 +255,14 @@ def test_publish_takes_a_pydantic_model_or_a_dataclass_as_the_payload(bridge: An
     # The same validation as for a dict: a dataclass holding what JSON cannot carry is refused.
     with pytest.raises(InvalidEvent):
         Publisher().publish(resource_type="order", event_type="paid", payload=Paid("C", at))  # type: ignore[arg-type]
+
+
+def test_middleware_setting__a_path_that_does_not_import_stops_the_start(
+    bridge: Any, settings: Any
+) -> None:
+    settings.JETSTREAM_BRIDGE = {
+        **settings.JETSTREAM_BRIDGE,
+        "MIDDLEWARE": ["tests.integration.test_handler_styles.no_such_middleware"],
+    }
+    with pytest.raises(ImportError, match=r"cannot import middleware .*named in MIDDLEWARE"):
+        BatchProcessor(durable=DURABLE, config=get_config())

@@ -11,7 +11,16 @@ from typing import Any, Optional
 import pydantic
 import pytest
 
+import jetstream_bridge
+from jetstream_bridge import middleware as middleware_module
 from jetstream_bridge.context import Invocation, MessageContext
+from jetstream_bridge.core.dead_letter import (
+    UNVERIFIED,
+    VALIDATION_ERRORS,
+    VERIFIED,
+    DeadLetter,
+    verification,
+)
 from jetstream_bridge.core.errors import InvalidPayload
 from jetstream_bridge.core.schemas import MAX_ERRORS_LENGTH, dump, errors_header, validate
 from jetstream_bridge.core.settings import parse_config
@@ -203,3 +212,37 @@ def test_chain__first_is_outermost_and_call_next_may_pass_another_invocation() -
     assert (result, seen) == ("replaced", ["outer", "inner"])
     with pytest.raises(ValueError, match="batch invocation holds 2 messages"):
         _ = Invocation((ctx, ctx), print, batch=True).message
+
+
+def test_validation_errors_header_is_signed_when_present() -> None:
+    letter = DeadLetter(
+        reason="invalid",
+        error_class="InvalidPayload",
+        error_message="payload does not validate as Order",
+        original_subject="dev.data.sync.beta.alpha",
+        stream="S",
+        stream_seq=7,
+        deliveries=1,
+        consumer="alpha-events",
+        event_id="e-1",
+        validation_errors=errors_header([{"loc": "total", "msg": "field required"}]),
+    )
+    key = b"k" * 32
+    headers = letter.headers(b"{}", key=key)
+    assert json.loads(headers[VALIDATION_ERRORS]) == [{"loc": "total", "msg": "field required"}]
+    assert verification(headers, b"{}", key) == VERIFIED
+    forged = {**headers, VALIDATION_ERRORS: "[]"}
+    assert verification(forged, b"{}", key) == UNVERIFIED
+    stripped = {name: value for name, value in headers.items() if name != VALIDATION_ERRORS}
+    assert verification(stripped, b"{}", key) == UNVERIFIED
+    # A letter of another reason carries no such header and signs as before.
+    plain = dataclasses.replace(letter, reason="rejected", validation_errors=None)
+    plain_headers = plain.headers(b"{}", key=key)
+    assert VALIDATION_ERRORS not in plain_headers
+    assert verification(plain_headers, b"{}", key) == VERIFIED
+
+
+def test_public_names() -> None:
+    assert jetstream_bridge.use is middleware_module.use
+    assert jetstream_bridge.MessageContext is MessageContext
+    assert jetstream_bridge.Registration is Registration
