@@ -19,6 +19,7 @@ from ..subjects import dlq_subject, stream_name
 from .kinds import (
     Boolean,
     Choice,
+    DottedPaths,
     Duration,
     Durations,
     Field,
@@ -440,6 +441,12 @@ SETTINGS: tuple[Setting, ...] = (
         "writes applied once**; `always` costs two more round trips per message and no handler "
         "runs twice in a batch. Either way, side effects outside the database must tolerate "
         "reruns (delivery is at-least-once)",
+    ),
+    Setting(
+        key="MIDDLEWARE",
+        kind=DottedPaths(),
+        default=(),
+        doc="dotted paths of middleware around every handler call, the first outermost",
     ),
 )
 
