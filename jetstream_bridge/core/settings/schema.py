@@ -441,6 +441,12 @@ SETTINGS: tuple[Setting, ...] = (
         "runs twice in a batch. Either way, side effects outside the database must tolerate "
         "reruns (delivery is at-least-once)",
     ),
+    Setting(
+        key="OTEL_TRACING",
+        kind=Boolean(),
+        default=True,
+        doc="trace publishes and handlers with OpenTelemetry (when the `otel` extra is installed)",
+    ),
 )
 
 # key -> meaning, in documentation order.
