@@ -292,26 +292,32 @@ class PeerLoop:
         if outcome.verdict is Verdict.ACK:
             await delivery.ack()
             if outcome.skipped:
+                settled = "skipped"
                 self.stats.skipped += 1
                 metrics.consumed(self.durable, "skipped")
                 logger.info("acked a replay for another durable", extra=_seq(delivery))
             elif outcome.duplicate:
+                settled = "duplicate"
                 self.stats.duplicates += 1
                 metrics.consumed(self.durable, "duplicate")
             else:
+                settled = "processed"
                 self.stats.processed += 1
                 metrics.consumed(self.durable, "processed")
         elif outcome.verdict is Verdict.RETRY:
-            await self._retry(delivery, outcome.delay)
+            settled = await self._retry(delivery, outcome.delay)
         else:
-            await self._dead_letter(conn, delivery, outcome)
+            settled = await self._dead_letter(conn, delivery, outcome)
+        # The middleware's settled() observers (they run on this loop: keep them quick).
+        self.processor.chain.settled(outcome.message, settled, self.config)
 
-    async def _retry(self, delivery: Delivery, delay: float) -> None:
+    async def _retry(self, delivery: Delivery, delay: float) -> str:
         await delivery.nak(delay)
         self.stats.retried += 1
         metrics.consumed(self.durable, "retried")
+        return "retried"
 
-    async def _dead_letter(self, conn: Connection, delivery: Delivery, outcome: Outcome) -> None:
+    async def _dead_letter(self, conn: Connection, delivery: Delivery, outcome: Outcome) -> str:
         message, dead = outcome.message, outcome.dead
         assert dead is not None
         if not self.config.use_dlq:
@@ -320,8 +326,7 @@ class PeerLoop:
                 "server's max_deliver",
                 extra=_fields(message, dead),
             )
-            await self._retry(delivery, self.processor.decisions.retry_delay(message))
-            return
+            return await self._retry(delivery, self.processor.decisions.retry_delay(message))
         key = dead_letter.signing_key(self.config.dlq_signing_key)
         headers = dead.headers(message.data, key=key)
         try:
@@ -332,8 +337,7 @@ class PeerLoop:
                 exc,
                 extra=_fields(message, dead),
             )
-            await self._retry(delivery, self.processor.decisions.retry_delay(message))
-            return
+            return await self._retry(delivery, self.processor.decisions.retry_delay(message))
         if ack.duplicate:
             # The stream dropped the letter as a copy of one it already holds: with a random
             # message id that means someone else wrote under it. Terminating now would lose
@@ -343,12 +347,12 @@ class PeerLoop:
                 headers[MSG_ID_HEADER],
                 extra=_fields(message, dead),
             )
-            await self._retry(delivery, self.processor.decisions.retry_delay(message))
-            return
+            return await self._retry(delivery, self.processor.decisions.retry_delay(message))
         await delivery.term(f"dead-lettered: {dead.reason}")
         self.stats.dead_lettered += 1
         metrics.dead_lettered(self.durable, dead.reason)
         logger.warning("message dead-lettered: %s", dead.reason, extra=_fields(message, dead))
+        return "dead_lettered"
 
 
 def _fields(message: ReceivedMessage, dead: dead_letter.DeadLetter) -> dict[str, Any]:

@@ -32,19 +32,16 @@ recorded in their own savepoint in either mode and never cause a redo.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
-from asgiref.sync import async_to_sync, iscoroutinefunction
 from django.db import (
     DatabaseError,
     DataError,
     IntegrityError,
-    InterfaceError,
-    OperationalError,
     connections,
     router,
     transaction,
@@ -55,14 +52,22 @@ from . import metrics
 from .conf import get_config
 from .core import dead_letter
 from .core.envelope import FieldLimits, decode
-from .core.errors import MalformedEnvelope, RejectMessage
+from .core.errors import InvalidPayload, MalformedEnvelope, RejectMessage
 from .core.settings import BridgeConfig
 from .core.subjects import producer_of
-from .handlers import Handler, HandlerRegistry, autodiscover, registry
+from .handlers import (
+    Handler,
+    HandlerRegistry,
+    Registration,
+    autodiscover,
+    registration_of,
+    registry,
+)
 from .inbox import Inbox, Seen, field_limits, inbox_model
+from .middleware import Middleware, chain_for, prepare
 from .models import InboxStatus
 from .outcomes import Decisions, Outcome, ReceivedMessage, Verdict, describe
-from .transaction_health import TransactionHealth
+from .transaction_health import TransactionHealth, database_unavailable
 
 __all__ = ["BatchProcessor", "Outcome", "ReceivedMessage", "Verdict"]
 
@@ -72,24 +77,26 @@ logger = logging.getLogger(__name__)
 class BatchProcessor:
     """Handle received messages for the durable ``durable`` on the database ``using``.
 
-    ``handler`` (sync or ``async def``, called as ``handler(event, subject, deliveries)``)
-    handles every event; without it ``registry`` decides per resource/event type. The caller
-    runs it in Django's sync world (``sync_to_async(thread_sensitive=True)`` from async code).
+    ``handler`` (sync or ``async def``, called as its ``Registration`` says) handles every
+    event, else ``registry`` decides per type; ``middleware`` runs inside the configured chain.
+    The caller runs it in Django's sync world (``sync_to_async`` from async code).
     """
 
     def __init__(
         self,
         *,
         durable: str,
-        handler: Handler | None = None,
+        handler: Handler | Registration | None = None,
         registry: HandlerRegistry = registry,
         using: str | None = None,
         config: BridgeConfig | None = None,
+        middleware: Iterable[Middleware] = (),
     ) -> None:
         self.config = config or get_config()
         self.durable = durable
-        self.handler = handler
+        self.handler = registration_of(handler) if handler is not None else None
         self.registry = registry
+        self.chain = chain_for(self.config, middleware)
         model = inbox_model(self.config)
         self.using = using or router.db_for_write(model)
         # An id or type longer than the inbox columns makes its message malformed (decode).
@@ -112,7 +119,7 @@ class BatchProcessor:
         try:
             return self._process(messages)
         except Exception as exc:
-            if _unavailable(exc):
+            if database_unavailable(exc):
                 raise
             logger.exception(
                 "batch failed unexpectedly; redoing it one message at a time",
@@ -125,7 +132,7 @@ class BatchProcessor:
             try:
                 outcomes += self._process([message])
             except Exception as exc:
-                if _unavailable(exc):
+                if database_unavailable(exc):
                     raise
                 logger.exception("message failed unexpectedly", extra={"durable": self.durable})
                 outcomes.append(self.decisions.unexpected(message, exc))
@@ -196,7 +203,7 @@ class BatchProcessor:
         inbox = Inbox(self.config, self.durable, self.using)
         with transaction.atomic(using=self.using):
             row = inbox.manager.select_for_update().get(pk=pk)
-            message = _stored_message(row, self.durable)
+            message = ReceivedMessage.stored(row, self.durable)
             item = replace(_decoded(0, message, self.limits), seen=Seen(row.pk, row.status))
             outcome = self._process_item(_Pass(inbox, savepoints=True, defer=True), item)
             inbox.flush()
@@ -251,8 +258,8 @@ class BatchProcessor:
         if item.event is None:
             assert item.error is not None
             return self._fail(batch, item, item.error, reason=dead_letter.MALFORMED)
-        fn = self.handler or _registered(self.registry, item, self.config)
-        if fn is None:
+        style, producer = _registered(self.handler, self.registry, item, self.config)
+        if style is None:
             missing = LookupError(
                 f"no handler registered for "
                 f"{item.event['resource_type']}/{item.event['event_type']}"
@@ -261,6 +268,11 @@ class BatchProcessor:
         if item.index in batch.runs.failed:
             # It failed in this batch's first pass, which was rolled back: record that.
             return self._handler_failed(batch, item, batch.runs.failed[item.index])
+        try:
+            prepared = prepare(style, item.message, item.event, producer)
+        except InvalidPayload as exc:  # a typed handler's payload: retries cannot fix it
+            return self._fail(batch, item, exc, reason=dead_letter.INVALID)
+        fn = partial(self.chain.call, prepared)
         if item.index not in batch.runs.timed:
             # One duration per message and batch: a rerun in a redo is not observed again.
             batch.runs.timed.add(item.index)
@@ -269,7 +281,7 @@ class BatchProcessor:
             return self._run_unprotected(fn, batch, item)
         return self._run_in_savepoint(fn, batch, item)
 
-    def _run_in_savepoint(self, fn: Handler, batch: _Pass, item: _Item) -> Outcome:
+    def _run_in_savepoint(self, fn: Callable[[], Any], batch: _Pass, item: _Item) -> Outcome:
         deferred = batch.inbox.deferred() if batch.inbox is not None else 0
         try:
             with transaction.atomic(using=self.using):  # a savepoint inside the batch
@@ -282,7 +294,7 @@ class BatchProcessor:
             return self._handler_failed(batch, item, exc)
         return Outcome(item.message, Verdict.ACK)
 
-    def _run_unprotected(self, fn: Handler, batch: _Pass, item: _Item) -> Outcome:
+    def _run_unprotected(self, fn: Callable[[], Any], batch: _Pass, item: _Item) -> Outcome:
         """Run the handler straight in the batch transaction; on any trouble, stop the pass."""
         self._health.forget_errors()
         try:
@@ -295,13 +307,8 @@ class BatchProcessor:
             raise _RedoWithSavepoints(item.index, None)
         return Outcome(item.message, Verdict.ACK)
 
-    def _run_handler(self, fn: Handler, batch: _Pass, item: _Item) -> None:
-        assert item.event is not None
-        message = item.message
-        if iscoroutinefunction(fn):
-            async_to_sync(fn)(item.event, message.subject, message.deliveries)
-        else:
-            fn(item.event, message.subject, message.deliveries)
+    def _run_handler(self, fn: Callable[[], Any], batch: _Pass, item: _Item) -> None:
+        fn()  # the handler, through the middleware chain
         if connections[self.using].needs_rollback:
             # It caught an error Django marked for rollback (or called set_rollback): its
             # writes will not commit, so it did not succeed. Without this, its savepoint would
@@ -408,17 +415,6 @@ class _Unstorable(Exception):
         self.error = error
 
 
-def _unavailable(error: BaseException) -> bool:
-    """Tell whether ``error`` says the database is unavailable rather than refusing the batch.
-
-    A lost connection, a lock or statement timeout, a serialisation failure or a deadlock are
-    ``OperationalError``s (``InterfaceError`` once the connection is closed): the batch waits
-    for the database and comes back whole. A bare ``DatabaseError`` (the driver could not
-    classify it) is taken as an outage too, which is what every ``DatabaseError`` was before.
-    """
-    return isinstance(error, (OperationalError, InterfaceError)) or type(error) is DatabaseError
-
-
 class _RedoWithSavepoints(Exception):
     """A handler failed in a batch run without savepoints: roll back, redo with savepoints.
 
@@ -432,11 +428,20 @@ class _RedoWithSavepoints(Exception):
         self.error = error
 
 
-def _registered(registry: HandlerRegistry, item: _Item, config: BridgeConfig) -> Handler | None:
-    """The registry's handler for ``item``; its producer is read from the delivery subject."""
+def _registered(
+    handler: Registration | None, registry: HandlerRegistry, item: _Item, config: BridgeConfig
+) -> tuple[Registration | None, str | None]:
+    """The handler for ``item`` (``handler``, or the registry's) and its producer.
+
+    The producer is read from the delivery subject, never from a header.
+    """
     assert item.event is not None
     producer = producer_of(item.message.subject, config.env, config.app_name)
-    return registry.resolve(item.event["resource_type"], item.event["event_type"], producer)
+    if handler is not None:
+        return handler, producer
+    return registry.lookup(
+        item.event["resource_type"], item.event["event_type"], producer
+    ), producer
 
 
 def _seen(
@@ -448,19 +453,6 @@ def _seen(
     return inbox.seen(
         [item.event["event_id"] for item in items if item.event],
         [(item.message.stream, item.message.stream_seq) for item in items],
-    )
-
-
-def _stored_message(row: Any, durable: str) -> ReceivedMessage:
-    """The inbox row ``row`` as the message it was received as (for a re-run)."""
-    return ReceivedMessage(
-        subject=row.subject,
-        data=json.dumps(row.payload).encode(),
-        headers=dict(getattr(row, "headers", None) or {}),
-        stream=getattr(row, "stream", None) or "",
-        stream_seq=getattr(row, "stream_seq", None) or 0,
-        deliveries=getattr(row, "deliveries", None) or 1,
-        consumer=durable,
     )
 
 
