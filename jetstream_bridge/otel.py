@@ -345,10 +345,16 @@ _middleware: TracingMiddleware | None = None
 
 
 def middleware(config: BridgeConfig) -> TracingMiddleware | None:
-    """The process's tracing middleware, or None when tracing is off or not installed."""
+    """The process's tracing middleware; None when tracing is off, not installed, or no tracer
+    provider is configured yet (the API's default records nothing: spare every message the
+    cost of a context and a span).
+    """
     global _middleware
     api = _active(config)
-    if api is None:
+    if api is None or isinstance(
+        api.trace.get_tracer_provider(),
+        (api.trace.ProxyTracerProvider, api.trace.NoOpTracerProvider),
+    ):
         return None
     with _api_lock:
         if _middleware is None:

@@ -24,6 +24,7 @@ _memory: InMemorySpanExporter | None = None
 def describe(span: ReadableSpan) -> dict[str, Any]:
     """A span as plain data: the same shape from memory and from a subprocess's file."""
     context = span.get_span_context()
+    assert context is not None
     return {
         "name": span.name,
         "kind": span.kind.name,

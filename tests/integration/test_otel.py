@@ -8,6 +8,7 @@ subprocess writes its spans to a JSON-lines file named by ``JSB_OTEL_SPANS_FILE`
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -18,12 +19,17 @@ import pytest
 from django.db import transaction
 from opentelemetry import trace
 
-from jetstream_bridge import Publisher
+from jetstream_bridge import Publisher, RejectMessage
+from jetstream_bridge.conf import get_config
+from jetstream_bridge.consumer import Consumer
+from jetstream_bridge.core.envelope import build_envelope
 from jetstream_bridge.fast_path import fast_path
 from jetstream_bridge.models import OutboxEvent
+from jetstream_bridge.testing.deliver import deliver
 from jetstream_bridge.topology import ensure_topology
 from tests.helpers import manage, stream_messages
 from tests.otel_spans import finished, memory_exporter, read_file
+from tests.testapp.models import Effect
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -219,7 +225,10 @@ from django.core.management import call_command
 from jetstream_bridge import otel
 assert not otel.available()
 call_command("jetstream_relay", "--once")
-from jetstream_bridge import Publisher
+from jetstream_bridge import Publisher, RejectMessage
+from jetstream_bridge.conf import get_config
+from jetstream_bridge.consumer import Consumer
+from jetstream_bridge.core.envelope import build_envelope
 from jetstream_bridge.fast_path import fast_path
 Publisher().publish(resource_type="order", event_type="created", payload={"id": "o-2"})
 assert fast_path().wait_idle()
@@ -251,3 +260,254 @@ def test_without_opentelemetry__the_bridge_imports_publishes_and_relays(
     # published in that process, with nothing to trace, has no trace header.
     assert _context_of(first.headers["traceparent"]) == _ids(request)
     assert "traceparent" not in second.headers
+
+
+# -- the consumer side ------------------------------------------------------------------------
+
+RECEIVER = "beta-events"
+
+
+def _receive(settings: Any) -> Any:
+    """Become the receiving service (beta, fed by alpha) on the same stream."""
+    settings.JETSTREAM_BRIDGE = {
+        **settings.JETSTREAM_BRIDGE,
+        "APP_NAME": "beta",
+        "DESTINATION_APP": "alpha",
+    }
+    ensure_topology(durable=RECEIVER)
+    return get_config()
+
+
+def _consume(handler: Any) -> Any:
+    consumer = Consumer(
+        durable_name=RECEIVER, handler=handler, stop_when_idle=True, idle_timeout=1.0
+    )
+    return asyncio.run(consumer.run_async())
+
+
+def _working_handler(seen: list[str]) -> Any:
+    def handle(event: dict[str, Any], subject: str, deliveries: int) -> None:
+        with _tracer().start_as_current_span("handler work"):
+            Effect.objects.create(event_id=event["event_id"], consumer="traced")
+        seen.append(event["trace_id"])
+
+    return handle
+
+
+def _one(spans: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    [span] = [span for span in spans if span["kind"] == kind]
+    return span
+
+
+def test_one_trace__request_outbox_relay_in_another_process_consumer_handler(
+    bridge: Any, settings: Any, spans: Any, subprocess_env: dict[str, str], tmp_path: Path
+) -> None:
+    _no_fast_path(settings)
+    with _tracer().start_as_current_span("request", kind=trace.SpanKind.SERVER) as request:
+        result = Publisher().publish(**EVENT)
+    trace_id, request_id = _ids(request)
+    exported = tmp_path / "relay-spans.jsonl"
+    relay = manage(
+        "jetstream_relay", "--once", env={**subprocess_env, "JSB_OTEL_SPANS_FILE": str(exported)}
+    )
+    assert relay.returncode == 0, relay.stderr
+    producer = _one(read_file(exported), "PRODUCER")
+
+    receiving = _receive(settings)
+    seen: list[str] = []
+    stats = _consume(_working_handler(seen))
+    assert stats.processed == 1
+    assert seen == [trace_id]  # the envelope's trace_id is the request's trace
+    local = finished(spans)
+    consumer = _one(local, "CONSUMER")
+    [work] = [span for span in local if span["name"] == "handler work"]
+
+    # One trace, linked parent to child: request -> producer (relay process) -> consumer ->
+    # the handler's own span.
+    assert {producer["trace_id"], consumer["trace_id"], work["trace_id"]} == {trace_id}
+    assert producer["parent_id"] == request_id
+    assert consumer["parent_id"] == producer["span_id"]
+    assert work["parent_id"] == consumer["span_id"]
+
+    subject = bridge.subjects.publish  # alpha -> beta: what beta receives on
+    assert producer["name"] == f"{subject} publish"
+    assert consumer["name"] == f"{subject} process"
+    assert consumer["status"] == "UNSET"
+    attributes = consumer["attributes"]
+    assert {key: attributes[key] for key in attributes if key.startswith("messaging.")} == {
+        "messaging.system": "nats",
+        "messaging.operation": "process",
+        "messaging.operation.type": "process",
+        "messaging.destination.name": subject,
+        "messaging.message.id": result.event_id,
+        "messaging.consumer.group.name": RECEIVER,
+        "messaging.destination.subscription.name": RECEIVER,
+    }
+    assert attributes["jetstream_bridge.outcome"] == "processed"
+    assert attributes["jetstream_bridge.event_id"] == result.event_id
+    assert attributes["jetstream_bridge.deliveries"] == 1
+    assert attributes["jetstream_bridge.stream"] == receiving.stream_name
+    assert Effect.objects.filter(consumer="traced").count() == 1
+
+
+def test_one_trace__fast_path_in_process_to_the_consumer(
+    bridge: Any, settings: Any, spans: Any
+) -> None:
+    with _tracer().start_as_current_span("request") as request, transaction.atomic():
+        Publisher().publish(**EVENT)
+    assert fast_path().wait_idle()
+    _receive(settings)
+    assert _consume(_working_handler([])).processed == 1
+    local = finished(spans)
+    producer, consumer = _one(local, "PRODUCER"), _one(local, "CONSUMER")
+    trace_id, request_id = _ids(request)
+    assert (producer["trace_id"], producer["parent_id"]) == (trace_id, request_id)
+    assert (consumer["trace_id"], consumer["parent_id"]) == (trace_id, producer["span_id"])
+
+
+def test_consumer__a_failing_handler_records_the_error_and_the_dead_letter(
+    bridge: Any, settings: Any, spans: Any
+) -> None:
+    with _tracer().start_as_current_span("request"), transaction.atomic():
+        Publisher().publish(**EVENT)
+    assert fast_path().wait_idle()
+    _receive(settings)
+
+    def refuse(event: dict[str, Any], subject: str, deliveries: int) -> None:
+        raise RejectMessage("order o-1 cannot be invoiced")
+
+    assert _consume(refuse).dead_lettered == 1
+    consumer = _one(finished(spans), "CONSUMER")
+    assert consumer["status"] == "ERROR"
+    [error] = consumer["events"]
+    assert error["name"] == "exception"
+    assert error["attributes"]["exception.type"].endswith("RejectMessage")
+    assert error["attributes"]["exception.message"] == "order o-1 cannot be invoiced"
+    assert consumer["attributes"]["jetstream_bridge.outcome"] == "dead_lettered"
+
+
+def test_deliver__a_retried_failure_and_a_duplicate_are_traced_with_their_outcome(
+    jetstream_bridge: Any, spans: Any
+) -> None:
+    envelope = build_envelope(
+        producer="beta", resource_type="order", event_type="created", payload={"id": 1}
+    )
+    parent = _traceparent("12" * 16, "34" * 8)
+
+    def flaky(event: dict[str, Any], subject: str, deliveries: int) -> None:
+        if deliveries == 1:
+            raise ValueError("the invoice service is down")
+
+    assert deliver(envelope, flaky, headers={"traceparent": parent}).retried
+    assert deliver(envelope, flaky, deliveries=2, headers={"traceparent": parent}).processed
+    assert deliver(envelope, flaky, deliveries=3, headers={"traceparent": parent}).duplicate
+    retried, processed, duplicate = finished(spans)
+    for span in (retried, processed, duplicate):
+        assert (span["kind"], span["trace_id"], span["parent_id"]) == (
+            "CONSUMER",
+            "12" * 16,
+            "34" * 8,
+        )
+    assert (retried["status"], retried["attributes"]["jetstream_bridge.outcome"]) == (
+        "ERROR",
+        "retried",
+    )
+    assert retried["events"][0]["attributes"]["exception.message"] == "the invoice service is down"
+    assert (processed["status"], processed["attributes"]["jetstream_bridge.outcome"]) == (
+        "UNSET",
+        "processed",
+    )
+    # A duplicate never reaches the handler; its settle is traced all the same.
+    assert duplicate["attributes"]["jetstream_bridge.outcome"] == "duplicate"
+    assert duplicate["events"] == []
+
+
+def test_consumer__hostile_trace_headers_start_a_new_trace(
+    jetstream_bridge: Any, spans: Any
+) -> None:
+    envelope = build_envelope(
+        producer="beta", resource_type="order", event_type="created", payload={"id": 2}
+    )
+    hostile = {"TRACEPARENT": "00-" + "0" * 32 + "-" + "1" * 16 + "-01", "tracestate": "x" * 9000}
+    assert deliver(envelope, lambda event, subject, deliveries: None, headers=hostile).processed
+    [span] = finished(spans)
+    assert span["parent_id"] is None  # an all-zero trace id is invalid: not a parent
+    assert span["trace_id"] != "0" * 32
+
+
+def test_otel_tracing_off__no_consumer_span(
+    jetstream_bridge: Any, settings: Any, spans: Any
+) -> None:
+    settings.JETSTREAM_BRIDGE = {**settings.JETSTREAM_BRIDGE, "OTEL_TRACING": False}
+    envelope = build_envelope(
+        producer="beta", resource_type="order", event_type="created", payload={"id": 3}
+    )
+    headers = {"traceparent": _traceparent("12" * 16, "34" * 8)}
+    assert deliver(envelope, lambda event, subject, deliveries: None, headers=headers).processed
+    assert finished(spans) == []
+
+
+def test_consumer__a_batch_redone_with_savepoints_ends_the_rolled_back_span_as_redone(
+    bridge: Any, settings: Any, spans: Any
+) -> None:
+    with _tracer().start_as_current_span("request"), transaction.atomic():
+        good = Publisher().publish(**EVENT)
+        bad = Publisher().publish(**{**EVENT, "payload": {"id": "o-2"}})
+    assert fast_path().wait_idle()
+    _receive(settings)
+
+    def second_fails(event: dict[str, Any], subject: str, deliveries: int) -> None:
+        if event["event_id"] == bad.event_id:
+            raise ValueError("o-2 is broken")
+
+    consumer = Consumer(durable_name=RECEIVER, handler=second_fails, batch_size=10, max_messages=2)
+    stats = asyncio.run(consumer.run_async())
+    assert (stats.processed, stats.retried, stats.redone) == (1, 1, 1)
+    processed = [span for span in finished(spans) if span["kind"] == "CONSUMER"]
+    outcomes = sorted(
+        (span["attributes"]["messaging.message.id"], span["attributes"]["jetstream_bridge.outcome"])
+        for span in processed
+    )
+    # The good event ran twice (its first run rolled back with the batch), the bad one once.
+    assert outcomes == sorted(
+        [(good.event_id, "redone"), (good.event_id, "processed"), (bad.event_id, "retried")]
+    )
+
+
+def test_middleware__a_batch_call_links_every_message_and_counts_them(
+    jetstream_bridge: Any, spans: Any
+) -> None:
+    from jetstream_bridge import otel
+    from jetstream_bridge.context import Invocation, MessageContext
+
+    tracing = otel.middleware(get_config())
+    assert tracing is not None
+    contexts = tuple(
+        MessageContext(
+            event={"event_id": f"e-{seq}"},
+            payload={},
+            subject="t.data.sync.beta.alpha",
+            headers={"traceparent": _traceparent("12" * 16, f"{seq:016x}")},
+            stream="S",
+            stream_seq=seq,
+            deliveries=1,
+            consumer="alpha-events",
+            event_id=f"e-{seq}",
+        )
+        for seq in (1, 2)
+    )
+    invocation = Invocation(contexts, lambda messages: None, batch=True)
+    assert tracing(invocation, lambda inv: "done") == "done"
+    tracing.settled(contexts[0], "processed")
+    assert finished(spans) == []  # waits for every message of the batch
+    tracing.settled(contexts[1], "retried")
+    [span] = finished(spans)
+    assert span["kind"] == "CONSUMER"
+    assert span["links"] == [f"{1:016x}", f"{2:016x}"]
+    assert span["attributes"]["messaging.batch.message_count"] == 2
+    assert span["attributes"]["messaging.consumer.group.name"] == "alpha-events"
+    assert span["attributes"]["jetstream_bridge.outcome"] == "mixed"
+    assert [event["attributes"] for event in span["events"]] == [
+        {"messaging.message.id": "e-1", "jetstream_bridge.outcome": "processed"},
+        {"messaging.message.id": "e-2", "jetstream_bridge.outcome": "retried"},
+    ]
