@@ -189,6 +189,20 @@ def test_relay__in_another_process_continues_the_stored_trace(
     assert _context_of(message.headers["traceparent"]) == (trace_id, producer["span_id"])
 
 
+def test_relay__without_a_tracer_provider_passes_the_stored_context_on(
+    bridge: Any, settings: Any, spans: Any, subprocess_env: dict[str, str]
+) -> None:
+    _no_fast_path(settings)
+    with _tracer().start_as_current_span("request") as request:
+        Publisher().publish(**EVENT)
+    # The API is installed in that process, but no SDK is set up: its no-op span passes the
+    # stored context on.
+    relay = manage("jetstream_relay", "--once", env=subprocess_env)
+    assert relay.returncode == 0, relay.stderr
+    [message] = _wire(bridge)
+    assert _context_of(message.headers["traceparent"]) == _ids(request)
+
+
 def test_relay__a_failed_publish_is_recorded_on_its_producer_span(
     bridge: Any, settings: Any, spans: Any
 ) -> None:
