@@ -246,13 +246,20 @@ from jetstream_bridge.core.envelope import build_envelope
 from jetstream_bridge.fast_path import fast_path
 Publisher().publish(resource_type="order", event_type="created", payload={"id": "o-2"})
 assert fast_path().wait_idle()
+from jetstream_bridge.core.envelope import build_envelope
+from jetstream_bridge.testing.deliver import deliver
+envelope = build_envelope(
+    producer="beta", resource_type="order", event_type="created", payload={"id": "o-3"}
+)
+traced = {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
+assert deliver(envelope, lambda event, subject, deliveries: None, headers=traced).processed
 loaded = sorted(name for name in sys.modules if name.startswith("opentelemetry"))
 assert not loaded, loaded
 print("ok")
 """
 
 
-def test_without_opentelemetry__the_bridge_imports_publishes_and_relays(
+def test_without_opentelemetry__the_bridge_imports_publishes_relays_and_handles(
     bridge: Any, settings: Any, spans: Any, subprocess_env: dict[str, str]
 ) -> None:
     _no_fast_path(settings)
