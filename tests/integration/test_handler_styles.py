@@ -266,3 +266,38 @@ def test_middleware_setting__a_path_that_does_not_import_stops_the_start(
     }
     with pytest.raises(ImportError, match=r"cannot import middleware .*named in MIDDLEWARE"):
         BatchProcessor(durable=DURABLE, config=get_config())
+
+
+def test_async_context_handler_and_a_decorated_function_passed_on_its_own(bridge: Any) -> None:
+    seen: list[tuple[str, Any]] = []
+
+    async def typed(ctx: MessageContext) -> None:
+        seen.append(("async", ctx.payload))
+
+    processor = BatchProcessor(
+        durable=DURABLE, handler=Registration(typed, schema=OrderCreated), config=get_config()
+    )
+    [outcome] = processor.process([received(envelope(number="A", total=1))])
+    assert outcome.verdict is Verdict.ACK
+    assert seen == [("async", OrderCreated(number="A", total=1))]
+
+    # A function keeps the style its @handler gave it when it is passed on its own.
+    from jetstream_bridge.handlers import handler, registry
+
+    saved, styles = dict(registry._handlers), dict(registry._styles)
+    try:
+
+        @handler("order", "boxed", context=True)
+        def boxed(ctx: MessageContext) -> None:
+            seen.append(("boxed", ctx.event_type))
+
+    finally:
+        registry._handlers.clear()
+        registry._handlers.update(saved)
+        registry._styles.clear()
+        registry._styles.update(styles)
+    [outcome] = BatchProcessor(durable=DURABLE, handler=boxed, config=get_config()).process(
+        [received(envelope(event="boxed"))]
+    )
+    assert outcome.verdict is Verdict.ACK
+    assert seen[-1] == ("boxed", "boxed")
