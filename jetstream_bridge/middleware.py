@@ -35,6 +35,7 @@ from typing import Any
 from asgiref.sync import async_to_sync, iscoroutinefunction
 from django.utils.module_loading import import_string
 
+from . import otel
 from .context import Invocation, MessageContext
 from .core.envelope import decode
 from .core.errors import MalformedEnvelope
@@ -101,8 +102,14 @@ def load_middleware(paths: Sequence[str]) -> tuple[Middleware, ...]:
 
 
 def chain_for(config: BridgeConfig, own: Iterable[Middleware] = ()) -> Chain:
-    """The chain of a processor: the setting's middleware, then ``use()``'s, then ``own``."""
-    return Chain(load_middleware(config.middleware), tuple(own))
+    """The chain of a processor: the setting's middleware, then ``use()``'s, then ``own``.
+
+    The bridge's own tracing (``otel.middleware``: OpenTelemetry installed and configured,
+    ``OTEL_TRACING`` on) comes first, so its span covers every other middleware.
+    """
+    tracing = otel.middleware(config)
+    builtin: tuple[Middleware, ...] = (tracing,) if tracing is not None else ()
+    return Chain((*builtin, *load_middleware(config.middleware)), tuple(own))
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,13 @@ class Outcome:
         """Tell whether the event is handled for this durable (now or before)."""
         return self.verdict is Verdict.ACK and not self.skipped
 
+    @property
+    def settled_as(self) -> str:
+        """The outcome settling this reports to ``settled()`` observers (``middleware``)."""
+        if self.verdict is not Verdict.ACK:
+            return "retried" if self.verdict is Verdict.RETRY else "dead_lettered"
+        return "skipped" if self.skipped else "duplicate" if self.duplicate else "processed"
+
 
 def dead_letter(
     message: ReceivedMessage, reason: str, error: BaseException, event_id: str | None

@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol, TypeVar
 from asgiref.sync import sync_to_async
 from django.db import transaction
 
-from . import fast_path, metrics
+from . import fast_path, metrics, otel
 from .broker import Connection, PubAck
 from .conf import get_config
 from .core.destinations import Requested, copy_id_problem, message_id, resolve
@@ -107,8 +107,12 @@ class PreparedEvent:
         }
 
     async def publish(self, conn: Connection) -> PubAck:
-        """Publish on ``conn`` and return the stream's ack."""
-        ack = await conn.publish(self.subject, self.data, self.headers)
+        """Publish on ``conn`` and return the stream's ack.
+
+        With a trace context in the headers, in a PRODUCER span whose context is sent.
+        """
+        with otel.producing(self.config, self.subject, self.headers) as headers:
+            ack = await conn.publish(self.subject, self.data, headers)
         logger.debug(
             "event published",
             extra={**self.log_fields(), "stream_seq": ack.seq, "duplicate": ack.duplicate},
@@ -338,7 +342,7 @@ class Publisher:
             event_type=request.event_type,
             payload=dump(request.payload),  # a pydantic model or a dataclass: as JSON data
             event_id=request.event_id,
-            trace_id=request.trace_id,
+            trace_id=request.trace_id or otel.trace_id_of_current(config),
             occurred_at=request.occurred_at,
             resource_id=request.resource_id,
         )
@@ -355,6 +359,8 @@ class Publisher:
                 f"{limit}. Publish a reference (an id or URL) instead of the whole document."
             )
         headers = _checked_headers(request.headers)
+        # The active trace, as W3C headers stored with the row: the relay continues it too.
+        headers.update(otel.outgoing(config, headers))
         return tuple(
             PreparedEvent(
                 config,

@@ -99,6 +99,8 @@ def deliver(  # noqa: PLR0913 (public test helper, keyword-only knobs)
         middleware=middleware,
     )
     outcome = processor.process_message(received)
+    # Nothing is settled, but the middleware's observers hear what the consumer would do.
+    processor.chain.settled(received, outcome.settled_as, config)
     return DeliveryResult(
         verdict=outcome.verdict.value,
         duplicate=outcome.duplicate,

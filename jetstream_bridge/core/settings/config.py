@@ -79,6 +79,7 @@ class BridgeConfig:
     outbox_fast_path: bool = True
     handler_savepoints: str = "on_failure"
     middleware: tuple[str, ...] = ()
+    otel_tracing: bool = True
     # The keys the user gave (in JETSTREAM_BRIDGE or through their environment variable), as
     # opposed to defaults: a stream limit left unset is not enforced on an existing stream.
     explicit: frozenset[str] = frozenset()
