@@ -610,7 +610,7 @@ def consume(count: int, batch: int, handler: str = "write_row") -> dict[str, Any
     setup_django("beta", "alpha")
     from django.core.management import call_command
 
-    from jetstream_bridge.consumer import Consumer
+    from jetstream_bridge.consumer_loop import PeerLoop
 
     config = bridge_config("beta", "alpha")
     run(fresh_stream(config))
@@ -625,9 +625,9 @@ def consume(count: int, batch: int, handler: str = "write_row") -> dict[str, Any
     from . import handlers
 
     timer = _Timer()
-    timer.wrap_async(Consumer, "_fetch", "fetch")
-    timer.wrap_sync(Consumer, "_process_batch", "transaction")
-    timer.wrap_async(Consumer, "_settle", "settle")
+    timer.wrap_async(PeerLoop, "_fetch", "fetch")  # one loop per peer since multipeer
+    timer.wrap_sync(PeerLoop, "_process_batch", "transaction")
+    timer.wrap_async(PeerLoop, "_settle", "settle")
     timer.wrap_sync(Inbox, "seen", "inbox_lookup")
     timer.wrap_sync(Inbox, "record", "inbox_row")
     if hasattr(Inbox, "flush"):  # rows deferred to one INSERT per batch
