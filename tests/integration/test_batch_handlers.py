@@ -393,3 +393,44 @@ def test_batch__a_typed_group_gets_valid_payloads_and_invalid_ones_are_dead_lett
     assert outcomes[1].dead.reason == dead_letter.INVALID
     [call] = writer.calls
     assert [ctx.payload for ctx in call] == [Created(1), Created(3)]
+
+
+def test_batch__each_peer_loop_calls_the_handler_with_its_own_batches(
+    jetstream_bridge: Any, settings: Any
+) -> None:
+    from tests.integration.test_consume_peers import configure, publish_from
+
+    config = configure(settings, ["billing", "shipping"])
+    billing = publish_from(config, "billing", 3)
+    shipping = publish_from(config, "shipping", 2)
+    writer = BulkWriter()
+    stats = consume(batch_registry(writer), batch_size=25)
+    assert stats.processed == 5
+    # Loops in threads on PostgreSQL: the calls may come in either order.
+    calls = {tuple({c.producer for c in call}): [c.event_id for c in call] for call in writer.calls}
+    assert calls == {("billing",): billing, ("shipping",): shipping}
+    assert {c.consumer for call in writer.calls for c in call} == {
+        DURABLE,
+        f"{DURABLE}-shipping",
+    }
+    assert effects() == sorted(billing + shipping)
+
+
+def test_batch__testing_deliver_and_the_admin_rerun_call_it_with_a_group_of_one(
+    offline: Any,
+) -> None:
+    from jetstream_bridge.testing.deliver import deliver
+
+    writer = BulkWriter(fail=lambda ctx: ctx.deliveries == 1)
+    registry = batch_registry(writer)
+    envelope = order(n=7)
+    result = deliver(envelope, handlers=registry, durable=DURABLE)
+    assert result.retried  # reported failed on its first delivery
+    row = InboxEvent.objects.get(event_id=envelope["event_id"])
+    assert row.status == "failed"
+    writer.fail = lambda ctx: False
+    outcome = processor(registry).process_stored(row.pk)  # the admin's "Re-run handler"
+    assert outcome.verdict is Verdict.ACK
+    assert [[c.event_id for c in call] for call in writer.calls] == [[envelope["event_id"]]] * 2
+    assert InboxEvent.objects.get(pk=row.pk).status == "processed"
+    assert effects() == [envelope["event_id"]]
