@@ -151,7 +151,7 @@ class Chain:
             # No middleware and today's style: no context to build.
             message = prepared.message
             return _call(style.fn, prepared.event, message.subject, message.deliveries)
-        invocation = Invocation((prepared.context(),), style.fn)
+        invocation = Invocation((prepared.context(),), style.fn, batch=style.batch)
         return self.run(invocation, lambda inv: _call_single(style, inv), layers)
 
     def run(
@@ -205,6 +205,9 @@ def _call(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def _call_single(style: Registration, invocation: Invocation) -> Any:
+    if style.batch:
+        # A batch handler outside a consumer batch (testing.deliver, a re-run): a group of one.
+        return _call(invocation.handler, list(invocation.messages))
     ctx = invocation.message
     if style.context:
         return _call(invocation.handler, ctx)

@@ -41,6 +41,7 @@ from .core.envelope import (
     storage_problem,
 )
 from .core.errors import InvalidEvent, PayloadTooLarge
+from .core.schemas import dump
 from .core.settings import BridgeConfig
 from .outbox import NewEvent, OutboxStore
 from .provision import publish_provisioned
@@ -224,7 +225,7 @@ class _Request:
 
     resource_type: str
     event_type: str
-    payload: Mapping[str, Any]
+    payload: Mapping[str, Any] | object
     event_id: str | None
     trace_id: str | None
     occurred_at: datetime | str | None
@@ -249,7 +250,7 @@ class Publisher:
         *,
         resource_type: str,
         event_type: str,
-        payload: Mapping[str, Any],
+        payload: Mapping[str, Any] | object,
         event_id: str | None = None,
         trace_id: str | None = None,
         occurred_at: datetime | str | None = None,
@@ -262,6 +263,7 @@ class Publisher:
         ``destination`` is one peer of ``DESTINATION_APP``, several (a list), or None: every
         peer. A publish to one peer returns its ``PublishResult``, to several a
         ``FanOutResult``. A peer not in ``DESTINATION_APP`` raises ``UnknownDestination``.
+        ``payload`` may be a pydantic model (``model_dump(mode="json")``) or a dataclass.
         """
         request = _Request(
             resource_type,
@@ -290,7 +292,7 @@ class Publisher:
         *,
         resource_type: str,
         event_type: str,
-        payload: Mapping[str, Any],
+        payload: Mapping[str, Any] | object,
         event_id: str | None = None,
         trace_id: str | None = None,
         occurred_at: datetime | str | None = None,
@@ -334,7 +336,7 @@ class Publisher:
             producer=config.app_name,
             resource_type=request.resource_type,
             event_type=request.event_type,
-            payload=request.payload,
+            payload=dump(request.payload),  # a pydantic model or a dataclass: as JSON data
             event_id=request.event_id,
             trace_id=request.trace_id,
             occurred_at=request.occurred_at,

@@ -8,10 +8,12 @@ nats-server, the DLQ stream) are in ``test_handler_context_consumer.py``.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import itertools
 import json
 from typing import Any
 
+import pydantic
 import pytest
 
 from jetstream_bridge import MessageContext, middleware
@@ -19,9 +21,12 @@ from jetstream_bridge.conf import get_config
 from jetstream_bridge.context import Invocation
 from jetstream_bridge.core import dead_letter
 from jetstream_bridge.core.envelope import build_envelope, encode
+from jetstream_bridge.core.errors import InvalidEvent
 from jetstream_bridge.handlers import HandlerRegistry, Registration
 from jetstream_bridge.models import InboxEvent
 from jetstream_bridge.processing import BatchProcessor, ReceivedMessage, Verdict
+from jetstream_bridge.publisher import Publisher
+from jetstream_bridge.testing.capture import capture_published
 from tests.testapp.models import Effect
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -224,3 +229,75 @@ SETTINGS_SEEN: list[str] = []
 def from_settings(invocation: Invocation, call_next: Any) -> Any:
     SETTINGS_SEEN.append(invocation.message.event_id or "")
     return call_next(invocation)
+
+
+class Shipped(pydantic.BaseModel):
+    number: str
+    sent_at: datetime.datetime
+
+
+@dataclasses.dataclass
+class Paid:
+    number: str
+    cents: int
+
+
+def test_publish_takes_a_pydantic_model_or_a_dataclass_as_the_payload(bridge: Any) -> None:
+    at = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+    with capture_published() as capture:
+        Publisher().publish(
+            resource_type="order", event_type="shipped", payload=Shipped(number="A", sent_at=at)
+        )
+        Publisher().publish(resource_type="order", event_type="paid", payload=Paid("B", 5))
+    shipped, paid = capture.events
+    assert shipped["payload"] == {"number": "A", "sent_at": "2026-01-02T03:04:05Z"}
+    assert paid["payload"] == {"number": "B", "cents": 5}
+    # The same validation as for a dict: a dataclass holding what JSON cannot carry is refused.
+    with pytest.raises(InvalidEvent):
+        Publisher().publish(resource_type="order", event_type="paid", payload=Paid("C", at))  # type: ignore[arg-type]
+
+
+def test_middleware_setting__a_path_that_does_not_import_stops_the_start(
+    bridge: Any, settings: Any
+) -> None:
+    settings.JETSTREAM_BRIDGE = {
+        **settings.JETSTREAM_BRIDGE,
+        "MIDDLEWARE": ["tests.integration.test_handler_styles.no_such_middleware"],
+    }
+    with pytest.raises(ImportError, match=r"cannot import middleware .*named in MIDDLEWARE"):
+        BatchProcessor(durable=DURABLE, config=get_config())
+
+
+def test_async_context_handler_and_a_decorated_function_passed_on_its_own(bridge: Any) -> None:
+    seen: list[tuple[str, Any]] = []
+
+    async def typed(ctx: MessageContext) -> None:
+        seen.append(("async", ctx.payload))
+
+    processor = BatchProcessor(
+        durable=DURABLE, handler=Registration(typed, schema=OrderCreated), config=get_config()
+    )
+    [outcome] = processor.process([received(envelope(number="A", total=1))])
+    assert outcome.verdict is Verdict.ACK
+    assert seen == [("async", OrderCreated(number="A", total=1))]
+
+    # A function keeps the style its @handler gave it when it is passed on its own.
+    from jetstream_bridge.handlers import handler, registry
+
+    saved, styles = dict(registry._handlers), dict(registry._styles)
+    try:
+
+        @handler("order", "boxed", context=True)
+        def boxed(ctx: MessageContext) -> None:
+            seen.append(("boxed", ctx.event_type))
+
+    finally:
+        registry._handlers.clear()
+        registry._handlers.update(saved)
+        registry._styles.clear()
+        registry._styles.update(styles)
+    [outcome] = BatchProcessor(durable=DURABLE, handler=boxed, config=get_config()).process(
+        [received(envelope(event="boxed"))]
+    )
+    assert outcome.verdict is Verdict.ACK
+    assert seen[-1] == ("boxed", "boxed")
