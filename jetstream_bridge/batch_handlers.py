@@ -30,7 +30,6 @@ the messages they failed, whose failures are recorded instead.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -47,8 +46,6 @@ from .outcomes import Outcome, Verdict
 
 if TYPE_CHECKING:
     from .processing import _Item
-
-logger = logging.getLogger(__name__)
 
 
 class BatchMessageFailed(Exception):
