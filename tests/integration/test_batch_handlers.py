@@ -434,3 +434,22 @@ def test_batch__testing_deliver_and_the_admin_rerun_call_it_with_a_group_of_one(
     assert [[c.event_id for c in call] for call in writer.calls] == [[envelope["event_id"]]] * 2
     assert InboxEvent.objects.get(pk=row.pk).status == "processed"
     assert effects() == [envelope["event_id"]]
+
+
+@pytest.mark.parametrize("savepoints", ["on_failure", "always"])
+def test_batch__a_raising_group_keeps_the_single_handlers_work(
+    offline: Any, settings: Any, savepoints: str
+) -> None:
+    settings.JETSTREAM_BRIDGE = {**settings.JETSTREAM_BRIDGE, "HANDLER_SAVEPOINTS": savepoints}
+    writer = BulkWriter(raise_on={1})
+    registry = batch_registry(writer, order__updated=handlers.record_effect)
+    events = [order(n=0), order("updated"), order(n=1)]
+    processing = processor(registry)
+    outcomes = processing.process([received(e) for e in events])
+    assert [o.verdict for o in outcomes] == [Verdict.RETRY, Verdict.ACK, Verdict.RETRY]
+    assert effects() == [events[1]["event_id"]]  # the single handler's write is kept
+    assert not Effect.objects.filter(consumer="attempt").exists()  # the group's rolled back
+    assert sorted(processed_rows()) == [events[1]["event_id"]]
+    failed = InboxEvent.objects.filter(status="failed").values_list("last_error", flat=True)
+    assert list(failed) == ["RuntimeError: the bulk insert failed"] * 2
+    assert processing.redone == 0  # a group's failure never redoes the batch
