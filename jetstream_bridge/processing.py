@@ -49,6 +49,7 @@ from django.db import (
 from django.db.transaction import TransactionManagementError
 
 from . import metrics
+from .batch_handlers import BatchGroups, GroupHost
 from .conf import get_config
 from .core import dead_letter
 from .core.envelope import FieldLimits, decode
@@ -205,7 +206,8 @@ class BatchProcessor:
             row = inbox.manager.select_for_update().get(pk=pk)
             message = ReceivedMessage.stored(row, self.durable)
             item = replace(_decoded(0, message, self.limits), seen=Seen(row.pk, row.status))
-            outcome = self._process_item(_Pass(inbox, savepoints=True, defer=True), item)
+            batch = _Pass(inbox, savepoints=True, defer=True)
+            outcome = self._process_item(batch, item) or self._run_groups(batch, [None])[0]
             inbox.flush()
             return outcome
 
@@ -234,23 +236,33 @@ class BatchProcessor:
         inbox = batch.inbox
         with transaction.atomic(using=self.using), self._health.watching(not batch.savepoints):
             seen_ids, seen_seqs = _seen(inbox, items)
-            outcomes = []
+            outcomes: list[Outcome | None] = []
             for item in items:
                 seen = seen_ids.get(item.event["event_id"]) if item.event is not None else None
                 seen = seen or seen_seqs.get((item.message.stream, item.message.stream_seq))
                 outcome = self._process_item(batch, replace(item, seen=seen))
                 outcomes.append(outcome)
-                if item.event is not None and inbox is not None and outcome.applied:
+                if item.event is not None and inbox is not None and outcome and outcome.applied:
                     # The same event twice in one batch: the second is a duplicate, whether
                     # the first created the inbox row or turned an earlier failure around.
                     seen_ids[item.event["event_id"]] = Seen(
                         seen.pk if seen is not None else None, InboxStatus.PROCESSED
                     )
+            done = self._run_groups(batch, outcomes)
             if inbox is not None:
                 inbox.flush()
-        return outcomes
+        return done
 
-    def _process_item(self, batch: _Pass, item: _Item) -> Outcome:
+    def _run_groups(self, batch: _Pass, outcomes: list[Outcome | None]) -> list[Outcome]:
+        """Run the pass's batch handlers (``batch_handlers``) and fill in their outcomes."""
+        if batch.groups:
+            record, fail = partial(_record_applied, batch), partial(self._handler_failed, batch)
+            host = GroupHost(self.using, self.durable, self.chain, batch.inbox, record, fail)
+            for index, outcome in batch.groups.run(host, batch.runs.failed).items():
+                outcomes[index] = outcome
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _process_item(self, batch: _Pass, item: _Item) -> Outcome | None:
         if (skipped := self.decisions.replay_for_another(item.message)) is not None:
             return skipped  # a replay for another durable: acked, not handled
         if item.seen is not None and item.seen.status == InboxStatus.PROCESSED:
@@ -272,6 +284,9 @@ class BatchProcessor:
             prepared = prepare(style, item.message, item.event, producer)
         except InvalidPayload as exc:  # a typed handler's payload: retries cannot fix it
             return self._fail(batch, item, exc, reason=dead_letter.INVALID)
+        if style.batch:
+            batch.groups.join(prepared, item)  # handled with its group, after this pass
+            return None
         fn = partial(self.chain.call, prepared)
         if item.index not in batch.runs.timed:
             # One duration per message and batch: a rerun in a redo is not observed again.
@@ -316,14 +331,7 @@ class BatchProcessor:
             raise TransactionManagementError(
                 "the handler returned with the transaction marked for rollback"
             )
-        if batch.inbox is not None:
-            try:
-                _record(batch.inbox, item, InboxStatus.PROCESSED, defer=batch.defer)
-            except (DataError, UnicodeError) as exc:
-                # The database refuses this message's row (a value longer than a custom
-                # column, a header PostgreSQL's JSON cannot hold): as a malformed message, it
-                # would fail the same way on every delivery.
-                raise _Unstorable(exc) from exc
+        _record_applied(batch, item)
 
     def _handler_failed(self, batch: _Pass, item: _Item, exc: Exception) -> Outcome:
         if isinstance(exc, RejectMessage):
@@ -343,7 +351,7 @@ class BatchProcessor:
     ) -> Outcome:
         """Record a failure and decide: retry later, or dead-letter now."""
         if batch.inbox is not None:
-            self._record_failure(batch.inbox, item, describe(error))
+            _record_failure(batch.inbox, item, describe(error), self._health)
         event_id = (item.event or {}).get("event_id")
         outcome = self.decisions.failed(item.message, error, reason=reason, event_id=event_id)
         if outcome.verdict is Verdict.RETRY:
@@ -355,25 +363,6 @@ class BatchProcessor:
                 extra={"durable": self.durable, "stream_seq": item.message.stream_seq},
             )
         return outcome
-
-    def _record_failure(self, inbox: Inbox, item: _Item, error: str) -> None:
-        try:
-            with transaction.atomic(using=self.using):
-                _record(inbox, item, InboxStatus.FAILED, error)
-        except IntegrityError:
-            # Another worker recorded this event meanwhile; its row is the truth.
-            logger.info("inbox row recorded concurrently", extra={"durable": self.durable})
-        except (DatabaseError, UnicodeError) as exc:
-            if isinstance(exc, DatabaseError) and self._health.broken():
-                raise  # the batch transaction is broken: retry the whole batch
-            # This message's own row cannot be stored (PostgreSQL refuses \u0000 in JSON,
-            # for one). Its savepoint is rolled back; letting the error escape would fail
-            # every other message of the batch with it, delivery after delivery.
-            logger.warning(
-                "could not record the failure in the inbox: %s",
-                exc,
-                extra={"durable": self.durable, "stream_seq": item.message.stream_seq},
-            )
 
 
 @dataclass(frozen=True)
@@ -405,6 +394,7 @@ class _Pass:
     savepoints: bool
     defer: bool
     runs: _Runs = field(default_factory=_Runs)
+    groups: BatchGroups = field(default_factory=BatchGroups)  # the batch handlers' messages
 
 
 class _Unstorable(Exception):
@@ -426,6 +416,38 @@ class _RedoWithSavepoints(Exception):
         super().__init__(index, error)
         self.index = index
         self.error = error
+
+
+def _record_applied(batch: _Pass, item: _Item) -> None:
+    """Record ``item`` as processed in the inbox (deferred to the flush when ``batch.defer``)."""
+    if batch.inbox is not None:
+        try:
+            _record(batch.inbox, item, InboxStatus.PROCESSED, defer=batch.defer)
+        except (DataError, UnicodeError) as exc:
+            # The database refuses its row (a value longer than a custom column, a header
+            # PostgreSQL's JSON cannot hold): malformed, it would fail on every delivery.
+            raise _Unstorable(exc) from exc
+
+
+def _record_failure(inbox: Inbox, item: _Item, error: str, health: TransactionHealth) -> None:
+    """Record ``item``'s failure in its own savepoint; a row that cannot be stored is logged."""
+    durable = inbox.consumer
+    try:
+        with transaction.atomic(using=inbox.manager.db):
+            _record(inbox, item, InboxStatus.FAILED, error)
+    except IntegrityError:
+        # Another worker recorded this event meanwhile; its row is the truth.
+        logger.info("inbox row recorded concurrently", extra={"durable": durable})
+    except (DatabaseError, UnicodeError) as exc:
+        if isinstance(exc, DatabaseError) and health.broken():
+            raise  # the batch transaction is broken: retry the whole batch
+        # Its own row cannot be stored (PostgreSQL refuses \u0000 in JSON): its savepoint
+        # rolled back; escaping, the error would fail every other message of the batch too.
+        logger.warning(
+            "could not record the failure in the inbox: %s",
+            exc,
+            extra={"durable": durable, "stream_seq": item.message.stream_seq},
+        )
 
 
 def _registered(
