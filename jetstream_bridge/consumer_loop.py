@@ -279,16 +279,26 @@ class PeerLoop:
     # -- settling (on the runtime loop) ---------------------------------------------------
 
     async def _settle(self, conn: Connection, settled: Sequence[tuple[Delivery, Outcome]]) -> None:
+        observed: list[tuple[ReceivedMessage, str]] = []
         for delivery, outcome in settled:
             try:
-                await self._settle_one(conn, delivery, outcome)
+                observed.append((outcome.message, await self._settle_one(conn, delivery, outcome)))
             except NatsError as exc:
                 # The message comes back after ack_wait; the inbox recognises it.
                 logger.warning(
                     "could not settle message: %s", exc, extra={"stream_seq": delivery.stream_seq}
                 )
+                observed.append((outcome.message, outcome.settled_as))
+        chain = self.processor.chain
+        if chain.observes:
+            # Off the shared NATS loop: an observer may be slow (an exporter, an HTTP call).
+            await asyncio.get_running_loop().run_in_executor(None, self._observe, observed)
 
-    async def _settle_one(self, conn: Connection, delivery: Delivery, outcome: Outcome) -> None:
+    def _observe(self, observed: Sequence[tuple[ReceivedMessage, str]]) -> None:
+        for message, how in observed:
+            self.processor.chain.settled(message, how, self.config)
+
+    async def _settle_one(self, conn: Connection, delivery: Delivery, outcome: Outcome) -> str:
         if outcome.verdict is Verdict.ACK:
             await delivery.ack()
             if outcome.skipped:
@@ -308,8 +318,7 @@ class PeerLoop:
             settled = await self._retry(delivery, outcome.delay)
         else:
             settled = await self._dead_letter(conn, delivery, outcome)
-        # The middleware's settled() observers (they run on this loop: keep them quick).
-        self.processor.chain.settled(outcome.message, settled, self.config)
+        return settled
 
     async def _retry(self, delivery: Delivery, delay: float) -> str:
         await delivery.nak(delay)

@@ -23,10 +23,10 @@ __all__ = ["Invocation", "MessageContext"]
 class MessageContext:
     """One received message, as a ``context=True`` (or ``schema=``) handler receives it.
 
-    ``event`` is the envelope; ``payload`` its ``payload``, or the validated object when the
-    handler declares a ``schema``; ``headers`` a read-only mapping; ``deliveries`` counts from
-    1; ``consumer`` is the durable's name; ``producer`` the peer whose subject it arrived on
-    (``None`` when the subject names no peer of this app).
+    ``event`` is the envelope (a copy of its top level); ``payload`` its ``payload``, or the
+    validated object when the handler declares a ``schema``; ``headers`` a read-only mapping;
+    ``deliveries`` counts from 1; ``consumer`` is the durable's name; ``producer`` the peer
+    whose subject it arrived on (``None`` when the subject names no peer of this app).
     """
 
     event: Mapping[str, Any]
@@ -43,6 +43,9 @@ class MessageContext:
     def __post_init__(self) -> None:
         if not isinstance(self.headers, MappingProxyType):
             object.__setattr__(self, "headers", MappingProxyType(dict(self.headers)))
+        # The inbox records the envelope's event id and types after the handler ran: a
+        # middleware or handler changing ``ctx.event`` changes its own copy, not those.
+        object.__setattr__(self, "event", dict(self.event))
 
     @property
     def resource_type(self) -> str | None:

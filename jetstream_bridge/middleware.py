@@ -177,6 +177,11 @@ class Chain:
 
         return step(0, invocation)
 
+    @property
+    def observes(self) -> bool:
+        """Whether any middleware has a ``settled(ctx, outcome)`` observer."""
+        return any(callable(getattr(mw, "settled", None)) for mw in self.layers)
+
     def settled(self, message: ReceivedMessage, outcome: str, config: BridgeConfig) -> None:
         """Tell every middleware with a ``settled(ctx, outcome)`` how ``message`` was settled.
 

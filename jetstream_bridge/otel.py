@@ -54,6 +54,7 @@ class _Api:
     trace: Any
     propagate: Any
     tracer: Tracer
+    empty: Callable[[], Context]  # a context with no span: what a consumer span starts from
 
 
 _UNLOADED: Any = object()
@@ -68,12 +69,14 @@ def _load() -> _Api | None:
             if _api is _UNLOADED:
                 try:
                     from opentelemetry import propagate, trace
+                    from opentelemetry.context import Context as EmptyContext
                 except ImportError:
                     _api = None
                 else:
                     from . import __version__
 
-                    _api = _Api(trace, propagate, trace.get_tracer("jetstream_bridge", __version__))
+                    tracer = trace.get_tracer("jetstream_bridge", __version__)
+                    _api = _Api(trace, propagate, tracer, EmptyContext)
     return _api  # type: ignore[no-any-return]
 
 
@@ -100,6 +103,9 @@ def _valid(api: _Api, context: Context | None) -> bool:
 # -- publishing -----------------------------------------------------------------------------
 
 
+TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+
+
 def outgoing(config: BridgeConfig, headers: Mapping[str, str]) -> dict[str, str]:
     """The trace headers ``publish()`` adds for the active span; {} when there is none.
 
@@ -111,7 +117,13 @@ def outgoing(config: BridgeConfig, headers: Mapping[str, str]) -> dict[str, str]
     carrier: dict[str, str] = {}
     api.propagate.inject(carrier)
     taken = {name.lower() for name in headers}
-    return {name: value for name, value in carrier.items() if name.lower() not in taken}
+    # Only the W3C trace context travels: a propagator's ``baggage`` may carry what an HTTP
+    # client sent the request, which is not for every peer of this service.
+    return {
+        name: value
+        for name, value in carrier.items()
+        if name.lower() in TRACE_HEADERS and name.lower() not in taken
+    }
 
 
 def trace_id_of_current(config: BridgeConfig) -> str | None:
@@ -289,7 +301,8 @@ class TracingMiddleware:
             "messaging.destination.subscription.name": first.consumer,
         }
         links = []
-        parent = None
+        # Never the caller's current span (a test's, a re-run's): the message's own trace only.
+        parent = api.empty()
         if batch:
             attributes["messaging.batch.message_count"] = len(messages)
             for message in messages:
@@ -298,7 +311,7 @@ class TracingMiddleware:
                     span_context = api.trace.get_current_span(context).get_span_context()
                     links.append(api.trace.Link(span_context))
         else:
-            parent = api.propagate.extract(_lowered(first.headers))
+            parent = api.propagate.extract(_lowered(first.headers), context=api.empty())
             attributes["messaging.message.id"] = _message_id(first)
             attributes["jetstream_bridge.stream"] = first.stream
             attributes["jetstream_bridge.stream_seq"] = first.stream_seq
