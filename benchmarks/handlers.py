@@ -7,6 +7,8 @@ from typing import Any
 
 from django.db import IntegrityError, transaction
 
+from jetstream_bridge import MessageContext, handler
+
 from .models import HandledEvent
 
 
@@ -24,3 +26,18 @@ def write_row_once(event_id: str) -> None:
             HandledEvent.objects.create(event_id=event_id, source="faststream", started_at=started)
     except IntegrityError:
         pass  # a redelivery of an event that was already handled
+
+
+def write_rows(contexts: list[MessageContext]) -> None:
+    """Bridge batch handler: the same rows, one ``bulk_create`` per consumer batch."""
+    started = time.time()
+    HandledEvent.objects.bulk_create(
+        [
+            HandledEvent(event_id=ctx.event_id, source="bridge", started_at=started)
+            for ctx in contexts
+        ]
+    )
+
+
+# Registered with batch=True (``--handler benchmarks.handlers.write_rows`` keeps that style).
+handler("order", "created", batch=True)(write_rows)

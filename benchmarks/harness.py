@@ -72,6 +72,18 @@ SPECS = [
     Spec("relay_3", "relay", {"count": 50_000, "relays": 3}, {"count": 500, "relays": 3}),
     Spec("consume_25", "consume", {"count": 10_000, "batch": 25}, {"count": 200, "batch": 25}),
     Spec("consume_100", "consume", {"count": 10_000, "batch": 100}, {"count": 200, "batch": 100}),
+    Spec(
+        "consume_bulk_25",
+        "consume",
+        {"count": 10_000, "batch": 25, "handler": "write_rows"},
+        {"count": 200, "batch": 25, "handler": "write_rows"},
+    ),
+    Spec(
+        "consume_bulk_100",
+        "consume",
+        {"count": 10_000, "batch": 100, "handler": "write_rows"},
+        {"count": 200, "batch": 100, "handler": "write_rows"},
+    ),
     Spec("latency", "latency", {"rate": 500, "seconds": 10}, {"rate": 100, "seconds": 1}),
     Spec("latency_100", "latency", {"rate": 100, "seconds": 10}, {"rate": 50, "seconds": 1}),
     # ~4 minutes a run: once, at batch 100 (the fastest consumer setting measured here).
@@ -429,6 +441,9 @@ def build_rows(report: Report, specs: dict[str, Spec], smoke: bool) -> list[Row]
                 )
             )
 
+    for batch in (25, 100):
+        rows += _bulk_rows(report, batch, fetch)
+
     for key, reference in (("latency", False), ("latency_100", True)):
         latency_p50 = report.get(key, "p50_ms")
         if latency_p50 is None:
@@ -478,6 +493,34 @@ def build_rows(report: Report, specs: dict[str, Spec], smoke: bool) -> list[Row]
             )
         )
     return rows
+
+
+def _bulk_rows(report: Report, batch: int, fetch: float | None) -> list[Row]:
+    """The batch handler's row (``bulk_create`` per batch), against FastStream's same work."""
+    key = f"consume_bulk_{batch}"
+    value = report.get(key, "rate")
+    if value is None:
+        return []
+    faststream = report.get(f"faststream_{batch}", "rate")
+    label = f"`jetstream_consume` batch {batch}, inbox on PostgreSQL, batch handler `bulk_create`"
+    return [
+        Row(
+            label,
+            rate(value),
+            report.spread(key, "rate", rate),
+            f"{value / fetch:.2f} x nats-py fetch+ack" if fetch else "",
+        ),
+        Row(
+            f"  ″ vs FastStream batch {batch}",
+            "",
+            "",
+            f"{value / faststream:.2f} x FastStream"
+            if faststream
+            else report.skipped.get(f"faststream_{batch}", "not run"),
+            "≥ 5 x",
+            verdict(value / faststream >= 5.0) if faststream else "",
+        ),
+    ]
 
 
 def markdown(rows: Sequence[Row], runs: int) -> str:

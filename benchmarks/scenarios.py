@@ -578,6 +578,7 @@ class _Timer:
     def wrap_sync(self, owner: Any, name: str, label: str) -> None:
         original = getattr(owner, name)
 
+        @functools.wraps(original)  # keeps a handler's registered style (its __dict__)
         def timed(*args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
             try:
@@ -600,17 +601,22 @@ class _Timer:
         setattr(owner, name, timed)
 
 
-def consume(count: int, batch: int) -> dict[str, Any]:
-    """``jetstream_consume`` with the inbox on PostgreSQL and a one-row handler."""
+def consume(count: int, batch: int, handler: str = "write_row") -> dict[str, Any]:
+    """``jetstream_consume`` with the inbox on PostgreSQL and a one-row handler.
+
+    ``handler="write_rows"``: the same rows written by a batch handler, one ``bulk_create``
+    per consumer batch.
+    """
     setup_django("beta", "alpha")
     from django.core.management import call_command
 
-    from jetstream_bridge.consumer import Consumer
+    from jetstream_bridge.consumer_loop import PeerLoop
 
     config = bridge_config("beta", "alpha")
     run(fresh_stream(config))
     reset_tables()
-    add_history(f"bench-{batch}")
+    durable = f"bench-{batch}" if handler == "write_row" else f"bench-{handler}-{batch}"
+    add_history(durable)
     run(prefill(count))
     # Where the time goes: fetch (NATS), the batch transaction (database), settling (acks);
     # inside the transaction, the inbox lookup, the inbox rows and the handler's own rows.
@@ -619,16 +625,16 @@ def consume(count: int, batch: int) -> dict[str, Any]:
     from . import handlers
 
     timer = _Timer()
-    timer.wrap_async(Consumer, "_fetch", "fetch")
-    timer.wrap_sync(Consumer, "_process_batch", "transaction")
-    timer.wrap_async(Consumer, "_settle", "settle")
+    timer.wrap_async(PeerLoop, "_fetch", "fetch")  # one loop per peer since multipeer
+    timer.wrap_sync(PeerLoop, "_process_batch", "transaction")
+    timer.wrap_async(PeerLoop, "_settle", "settle")
     timer.wrap_sync(Inbox, "seen", "inbox_lookup")
     timer.wrap_sync(Inbox, "record", "inbox_row")
     if hasattr(Inbox, "flush"):  # rows deferred to one INSERT per batch
         timer.wrap_sync(Inbox, "flush", "inbox_row")
-    timer.wrap_sync(handlers, "write_row", "handler")  # before --handler imports it
+    timer.wrap_sync(handlers, handler, "handler")  # before --handler imports it
     started = time.perf_counter()
-    call_command(*_consume_args(count, batch, f"bench-{batch}"), stdout=io.StringIO())
+    call_command(*_consume_args(count, batch, durable, handler), stdout=io.StringIO())
     elapsed = time.perf_counter() - started
     return {
         "rate": count / elapsed,
@@ -638,7 +644,7 @@ def consume(count: int, batch: int) -> dict[str, Any]:
     }
 
 
-def _consume_args(count: int, batch: int, durable: str) -> list[str]:
+def _consume_args(count: int, batch: int, durable: str, handler: str = "write_row") -> list[str]:
     """``jetstream_consume`` with the benchmark's handler, until ``count`` are handled."""
     return [
         "jetstream_consume",
@@ -647,7 +653,7 @@ def _consume_args(count: int, batch: int, durable: str) -> list[str]:
         "--batch-size",
         str(batch),
         "--handler",
-        "benchmarks.handlers.write_row",
+        f"benchmarks.handlers.{handler}",
         "--max-messages",
         str(count),
     ]

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 
@@ -25,7 +25,8 @@ from .conf import get_config
 from .consumer_loop import IDLE_CHECK_EVERY, ConsumerStats, LoopOptions, PeerLoop
 from .core.settings import BridgeConfig
 from .core.topology_plan import peer_durables
-from .handlers import Handler, HandlerRegistry, autodiscover, registry
+from .handlers import Handler, HandlerRegistry, Registration, autodiscover, registry
+from .middleware import Middleware
 from .processing import BatchProcessor
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ class Consumer:
     ``UnknownPeer``). ``handler`` (sync or ``async def``, called as
     ``handler(event, subject, deliveries)``) handles every event; without it the registry
     decides per producer and resource/event type. ``max_messages`` counts every peer's.
+    ``middleware`` wraps every handler call, inside the ``MIDDLEWARE`` setting's and
+    ``jetstream_bridge.use()``'s (``jetstream_bridge.middleware``).
     """
 
     def __init__(  # noqa: PLR0913 (public keyword-only constructor)
@@ -47,7 +50,7 @@ class Consumer:
         *,
         durable_name: str,
         batch_size: int = 25,
-        handler: Handler | None = None,
+        handler: Handler | Registration | None = None,
         registry: HandlerRegistry = registry,
         using: str | None = None,
         idle_timeout: float = 1.0,
@@ -55,6 +58,7 @@ class Consumer:
         stop_when_idle: bool = False,
         config: BridgeConfig | None = None,
         peers: Sequence[str] | None = None,
+        middleware: Iterable[Middleware] = (),
     ) -> None:
         self.config = config or get_config()
         self.durables = peer_durables(self.config, durable_name, peers)  # peer -> durable
@@ -73,9 +77,15 @@ class Consumer:
             stop_when_idle=stop_when_idle,
             stop=self.stop,
         )
+        own = tuple(middleware)
         processors = {
             peer: BatchProcessor(
-                durable=durable, handler=handler, registry=registry, using=using, config=self.config
+                durable=durable,
+                handler=handler,
+                registry=registry,
+                using=using,
+                config=self.config,
+                middleware=own,
             )
             for peer, durable in self.durables.items()
         }

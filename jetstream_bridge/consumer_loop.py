@@ -279,39 +279,54 @@ class PeerLoop:
     # -- settling (on the runtime loop) ---------------------------------------------------
 
     async def _settle(self, conn: Connection, settled: Sequence[tuple[Delivery, Outcome]]) -> None:
+        observed: list[tuple[ReceivedMessage, str]] = []
         for delivery, outcome in settled:
             try:
-                await self._settle_one(conn, delivery, outcome)
+                observed.append((outcome.message, await self._settle_one(conn, delivery, outcome)))
             except NatsError as exc:
                 # The message comes back after ack_wait; the inbox recognises it.
                 logger.warning(
                     "could not settle message: %s", exc, extra={"stream_seq": delivery.stream_seq}
                 )
+                observed.append((outcome.message, outcome.settled_as))
+        chain = self.processor.chain
+        if chain.observes:
+            # Off the shared NATS loop: an observer may be slow (an exporter, an HTTP call).
+            await asyncio.get_running_loop().run_in_executor(None, self._observe, observed)
 
-    async def _settle_one(self, conn: Connection, delivery: Delivery, outcome: Outcome) -> None:
+    def _observe(self, observed: Sequence[tuple[ReceivedMessage, str]]) -> None:
+        for message, how in observed:
+            self.processor.chain.settled(message, how, self.config)
+
+    async def _settle_one(self, conn: Connection, delivery: Delivery, outcome: Outcome) -> str:
         if outcome.verdict is Verdict.ACK:
             await delivery.ack()
             if outcome.skipped:
+                settled = "skipped"
                 self.stats.skipped += 1
                 metrics.consumed(self.durable, "skipped")
                 logger.info("acked a replay for another durable", extra=_seq(delivery))
             elif outcome.duplicate:
+                settled = "duplicate"
                 self.stats.duplicates += 1
                 metrics.consumed(self.durable, "duplicate")
             else:
+                settled = "processed"
                 self.stats.processed += 1
                 metrics.consumed(self.durable, "processed")
         elif outcome.verdict is Verdict.RETRY:
-            await self._retry(delivery, outcome.delay)
+            settled = await self._retry(delivery, outcome.delay)
         else:
-            await self._dead_letter(conn, delivery, outcome)
+            settled = await self._dead_letter(conn, delivery, outcome)
+        return settled
 
-    async def _retry(self, delivery: Delivery, delay: float) -> None:
+    async def _retry(self, delivery: Delivery, delay: float) -> str:
         await delivery.nak(delay)
         self.stats.retried += 1
         metrics.consumed(self.durable, "retried")
+        return "retried"
 
-    async def _dead_letter(self, conn: Connection, delivery: Delivery, outcome: Outcome) -> None:
+    async def _dead_letter(self, conn: Connection, delivery: Delivery, outcome: Outcome) -> str:
         message, dead = outcome.message, outcome.dead
         assert dead is not None
         if not self.config.use_dlq:
@@ -320,8 +335,7 @@ class PeerLoop:
                 "server's max_deliver",
                 extra=_fields(message, dead),
             )
-            await self._retry(delivery, self.processor.decisions.retry_delay(message))
-            return
+            return await self._retry(delivery, self.processor.decisions.retry_delay(message))
         key = dead_letter.signing_key(self.config.dlq_signing_key)
         headers = dead.headers(message.data, key=key)
         try:
@@ -332,8 +346,7 @@ class PeerLoop:
                 exc,
                 extra=_fields(message, dead),
             )
-            await self._retry(delivery, self.processor.decisions.retry_delay(message))
-            return
+            return await self._retry(delivery, self.processor.decisions.retry_delay(message))
         if ack.duplicate:
             # The stream dropped the letter as a copy of one it already holds: with a random
             # message id that means someone else wrote under it. Terminating now would lose
@@ -343,12 +356,12 @@ class PeerLoop:
                 headers[MSG_ID_HEADER],
                 extra=_fields(message, dead),
             )
-            await self._retry(delivery, self.processor.decisions.retry_delay(message))
-            return
+            return await self._retry(delivery, self.processor.decisions.retry_delay(message))
         await delivery.term(f"dead-lettered: {dead.reason}")
         self.stats.dead_lettered += 1
         metrics.dead_lettered(self.durable, dead.reason)
         logger.warning("message dead-lettered: %s", dead.reason, extra=_fields(message, dead))
+        return "dead_lettered"
 
 
 def _fields(message: ReceivedMessage, dead: dead_letter.DeadLetter) -> dict[str, Any]:

@@ -7,14 +7,19 @@ then asks ``Decisions`` what a failure means; ``consumer.Consumer`` settles the 
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from .context import MessageContext
 from .core.dead_letter import MAX_DELIVER, DeadLetter, replay_target, signing_key
 from .core.envelope import decode
-from .core.errors import MalformedEnvelope
+from .core.errors import InvalidPayload, MalformedEnvelope
 from .core.retry import RetryPolicy
+from .core.schemas import errors_header
 from .core.settings import BridgeConfig
 
 logger = logging.getLogger(__name__)
@@ -39,6 +44,41 @@ class ReceivedMessage:
     consumer: str
     deliveries: int = 1
     headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def stored(cls, row: Any, durable: str) -> ReceivedMessage:
+        """The inbox row ``row`` as the message it was received as (the admin's re-run)."""
+        return cls(
+            subject=row.subject,
+            data=json.dumps(row.payload).encode(),
+            headers=dict(getattr(row, "headers", None) or {}),
+            stream=getattr(row, "stream", None) or "",
+            stream_seq=getattr(row, "stream_seq", None) or 0,
+            deliveries=getattr(row, "deliveries", None) or 1,
+            consumer=durable,
+        )
+
+    def context(
+        self, event: Mapping[str, Any], producer: str | None, *, payload: Any = None
+    ) -> MessageContext:
+        """This message as a handler's ``MessageContext`` (the one place one is built).
+
+        ``event`` is its decoded envelope, ``producer`` the peer read from its subject;
+        ``payload`` the validated object of a typed handler (default: the envelope's).
+        """
+        event_id = event.get("event_id")
+        return MessageContext(
+            event=event,
+            payload=event.get("payload") if payload is None else payload,
+            subject=self.subject,
+            headers=self.headers,
+            stream=self.stream,
+            stream_seq=self.stream_seq,
+            deliveries=self.deliveries,
+            consumer=self.consumer,
+            producer=producer,
+            event_id=event_id if isinstance(event_id, str) else None,
+        )
 
 
 class Verdict(enum.Enum):
@@ -69,6 +109,13 @@ class Outcome:
         """Tell whether the event is handled for this durable (now or before)."""
         return self.verdict is Verdict.ACK and not self.skipped
 
+    @property
+    def settled_as(self) -> str:
+        """The outcome settling this reports to ``settled()`` observers (``middleware``)."""
+        if self.verdict is not Verdict.ACK:
+            return "retried" if self.verdict is Verdict.RETRY else "dead_lettered"
+        return "skipped" if self.skipped else "duplicate" if self.duplicate else "processed"
+
 
 def dead_letter(
     message: ReceivedMessage, reason: str, error: BaseException, event_id: str | None
@@ -84,6 +131,9 @@ def dead_letter(
         deliveries=message.deliveries,
         consumer=message.consumer,
         event_id=event_id,
+        validation_errors=(
+            errors_header(error.errors) if isinstance(error, InvalidPayload) else None
+        ),
     )
 
 

@@ -32,19 +32,16 @@ recorded in their own savepoint in either mode and never cause a redo.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
-from asgiref.sync import async_to_sync, iscoroutinefunction
 from django.db import (
     DatabaseError,
     DataError,
     IntegrityError,
-    InterfaceError,
-    OperationalError,
     connections,
     router,
     transaction,
@@ -52,17 +49,26 @@ from django.db import (
 from django.db.transaction import TransactionManagementError
 
 from . import metrics
+from .batch_handlers import BatchGroups, GroupHost
 from .conf import get_config
 from .core import dead_letter
 from .core.envelope import FieldLimits, decode
-from .core.errors import MalformedEnvelope, RejectMessage
+from .core.errors import InvalidPayload, MalformedEnvelope, RejectMessage
 from .core.settings import BridgeConfig
 from .core.subjects import producer_of
-from .handlers import Handler, HandlerRegistry, autodiscover, registry
+from .handlers import (
+    Handler,
+    HandlerRegistry,
+    Registration,
+    autodiscover,
+    registration_of,
+    registry,
+)
 from .inbox import Inbox, Seen, field_limits, inbox_model
+from .middleware import Middleware, chain_for, prepare
 from .models import InboxStatus
 from .outcomes import Decisions, Outcome, ReceivedMessage, Verdict, describe
-from .transaction_health import TransactionHealth
+from .transaction_health import TransactionHealth, database_unavailable
 
 __all__ = ["BatchProcessor", "Outcome", "ReceivedMessage", "Verdict"]
 
@@ -72,24 +78,26 @@ logger = logging.getLogger(__name__)
 class BatchProcessor:
     """Handle received messages for the durable ``durable`` on the database ``using``.
 
-    ``handler`` (sync or ``async def``, called as ``handler(event, subject, deliveries)``)
-    handles every event; without it ``registry`` decides per resource/event type. The caller
-    runs it in Django's sync world (``sync_to_async(thread_sensitive=True)`` from async code).
+    ``handler`` (sync or ``async def``, called as its ``Registration`` says) handles every
+    event, else ``registry`` decides per type; ``middleware`` runs inside the configured chain.
+    The caller runs it in Django's sync world (``sync_to_async`` from async code).
     """
 
     def __init__(
         self,
         *,
         durable: str,
-        handler: Handler | None = None,
+        handler: Handler | Registration | None = None,
         registry: HandlerRegistry = registry,
         using: str | None = None,
         config: BridgeConfig | None = None,
+        middleware: Iterable[Middleware] = (),
     ) -> None:
         self.config = config or get_config()
         self.durable = durable
-        self.handler = handler
+        self.handler = registration_of(handler) if handler is not None else None
         self.registry = registry
+        self.chain = chain_for(self.config, middleware)
         model = inbox_model(self.config)
         self.using = using or router.db_for_write(model)
         # An id or type longer than the inbox columns makes its message malformed (decode).
@@ -112,7 +120,7 @@ class BatchProcessor:
         try:
             return self._process(messages)
         except Exception as exc:
-            if _unavailable(exc):
+            if database_unavailable(exc):
                 raise
             logger.exception(
                 "batch failed unexpectedly; redoing it one message at a time",
@@ -125,7 +133,7 @@ class BatchProcessor:
             try:
                 outcomes += self._process([message])
             except Exception as exc:
-                if _unavailable(exc):
+                if database_unavailable(exc):
                     raise
                 logger.exception("message failed unexpectedly", extra={"durable": self.durable})
                 outcomes.append(self.decisions.unexpected(message, exc))
@@ -196,9 +204,10 @@ class BatchProcessor:
         inbox = Inbox(self.config, self.durable, self.using)
         with transaction.atomic(using=self.using):
             row = inbox.manager.select_for_update().get(pk=pk)
-            message = _stored_message(row, self.durable)
+            message = ReceivedMessage.stored(row, self.durable)
             item = replace(_decoded(0, message, self.limits), seen=Seen(row.pk, row.status))
-            outcome = self._process_item(_Pass(inbox, savepoints=True, defer=True), item)
+            batch = _Pass(inbox, savepoints=True, defer=True)
+            outcome = self._process_item(batch, item) or self._run_groups(batch, [None])[0]
             inbox.flush()
             return outcome
 
@@ -227,23 +236,33 @@ class BatchProcessor:
         inbox = batch.inbox
         with transaction.atomic(using=self.using), self._health.watching(not batch.savepoints):
             seen_ids, seen_seqs = _seen(inbox, items)
-            outcomes = []
+            outcomes: list[Outcome | None] = []
             for item in items:
                 seen = seen_ids.get(item.event["event_id"]) if item.event is not None else None
                 seen = seen or seen_seqs.get((item.message.stream, item.message.stream_seq))
                 outcome = self._process_item(batch, replace(item, seen=seen))
                 outcomes.append(outcome)
-                if item.event is not None and inbox is not None and outcome.applied:
+                if item.event is not None and inbox is not None and outcome and outcome.applied:
                     # The same event twice in one batch: the second is a duplicate, whether
                     # the first created the inbox row or turned an earlier failure around.
                     seen_ids[item.event["event_id"]] = Seen(
                         seen.pk if seen is not None else None, InboxStatus.PROCESSED
                     )
+            done = self._run_groups(batch, outcomes)
             if inbox is not None:
                 inbox.flush()
-        return outcomes
+        return done
 
-    def _process_item(self, batch: _Pass, item: _Item) -> Outcome:
+    def _run_groups(self, batch: _Pass, outcomes: list[Outcome | None]) -> list[Outcome]:
+        """Run the pass's batch handlers (``batch_handlers``) and fill in their outcomes."""
+        if batch.groups:
+            record, fail = partial(_record_applied, batch), partial(self._handler_failed, batch)
+            host = GroupHost(self.using, self.durable, self.chain, batch.inbox, record, fail)
+            for index, outcome in batch.groups.run(host, batch.runs.failed).items():
+                outcomes[index] = outcome
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _process_item(self, batch: _Pass, item: _Item) -> Outcome | None:
         if (skipped := self.decisions.replay_for_another(item.message)) is not None:
             return skipped  # a replay for another durable: acked, not handled
         if item.seen is not None and item.seen.status == InboxStatus.PROCESSED:
@@ -251,8 +270,8 @@ class BatchProcessor:
         if item.event is None:
             assert item.error is not None
             return self._fail(batch, item, item.error, reason=dead_letter.MALFORMED)
-        fn = self.handler or _registered(self.registry, item, self.config)
-        if fn is None:
+        style, producer = _registered(self.handler, self.registry, item, self.config)
+        if style is None:
             missing = LookupError(
                 f"no handler registered for "
                 f"{item.event['resource_type']}/{item.event['event_type']}"
@@ -261,6 +280,14 @@ class BatchProcessor:
         if item.index in batch.runs.failed:
             # It failed in this batch's first pass, which was rolled back: record that.
             return self._handler_failed(batch, item, batch.runs.failed[item.index])
+        try:
+            prepared = prepare(style, item.message, item.event, producer)
+        except InvalidPayload as exc:  # a typed handler's payload: retries cannot fix it
+            return self._fail(batch, item, exc, reason=dead_letter.INVALID)
+        if style.batch:
+            batch.groups.join(prepared, item)  # handled with its group, after this pass
+            return None
+        fn = partial(self.chain.call, prepared)
         if item.index not in batch.runs.timed:
             # One duration per message and batch: a rerun in a redo is not observed again.
             batch.runs.timed.add(item.index)
@@ -269,7 +296,7 @@ class BatchProcessor:
             return self._run_unprotected(fn, batch, item)
         return self._run_in_savepoint(fn, batch, item)
 
-    def _run_in_savepoint(self, fn: Handler, batch: _Pass, item: _Item) -> Outcome:
+    def _run_in_savepoint(self, fn: Callable[[], Any], batch: _Pass, item: _Item) -> Outcome:
         deferred = batch.inbox.deferred() if batch.inbox is not None else 0
         try:
             with transaction.atomic(using=self.using):  # a savepoint inside the batch
@@ -282,7 +309,7 @@ class BatchProcessor:
             return self._handler_failed(batch, item, exc)
         return Outcome(item.message, Verdict.ACK)
 
-    def _run_unprotected(self, fn: Handler, batch: _Pass, item: _Item) -> Outcome:
+    def _run_unprotected(self, fn: Callable[[], Any], batch: _Pass, item: _Item) -> Outcome:
         """Run the handler straight in the batch transaction; on any trouble, stop the pass."""
         self._health.forget_errors()
         try:
@@ -295,13 +322,8 @@ class BatchProcessor:
             raise _RedoWithSavepoints(item.index, None)
         return Outcome(item.message, Verdict.ACK)
 
-    def _run_handler(self, fn: Handler, batch: _Pass, item: _Item) -> None:
-        assert item.event is not None
-        message = item.message
-        if iscoroutinefunction(fn):
-            async_to_sync(fn)(item.event, message.subject, message.deliveries)
-        else:
-            fn(item.event, message.subject, message.deliveries)
+    def _run_handler(self, fn: Callable[[], Any], batch: _Pass, item: _Item) -> None:
+        fn()  # the handler, through the middleware chain
         if connections[self.using].needs_rollback:
             # It caught an error Django marked for rollback (or called set_rollback): its
             # writes will not commit, so it did not succeed. Without this, its savepoint would
@@ -309,14 +331,7 @@ class BatchProcessor:
             raise TransactionManagementError(
                 "the handler returned with the transaction marked for rollback"
             )
-        if batch.inbox is not None:
-            try:
-                _record(batch.inbox, item, InboxStatus.PROCESSED, defer=batch.defer)
-            except (DataError, UnicodeError) as exc:
-                # The database refuses this message's row (a value longer than a custom
-                # column, a header PostgreSQL's JSON cannot hold): as a malformed message, it
-                # would fail the same way on every delivery.
-                raise _Unstorable(exc) from exc
+        _record_applied(batch, item)
 
     def _handler_failed(self, batch: _Pass, item: _Item, exc: Exception) -> Outcome:
         if isinstance(exc, RejectMessage):
@@ -336,7 +351,7 @@ class BatchProcessor:
     ) -> Outcome:
         """Record a failure and decide: retry later, or dead-letter now."""
         if batch.inbox is not None:
-            self._record_failure(batch.inbox, item, describe(error))
+            _record_failure(batch.inbox, item, describe(error), self._health)
         event_id = (item.event or {}).get("event_id")
         outcome = self.decisions.failed(item.message, error, reason=reason, event_id=event_id)
         if outcome.verdict is Verdict.RETRY:
@@ -348,25 +363,6 @@ class BatchProcessor:
                 extra={"durable": self.durable, "stream_seq": item.message.stream_seq},
             )
         return outcome
-
-    def _record_failure(self, inbox: Inbox, item: _Item, error: str) -> None:
-        try:
-            with transaction.atomic(using=self.using):
-                _record(inbox, item, InboxStatus.FAILED, error)
-        except IntegrityError:
-            # Another worker recorded this event meanwhile; its row is the truth.
-            logger.info("inbox row recorded concurrently", extra={"durable": self.durable})
-        except (DatabaseError, UnicodeError) as exc:
-            if isinstance(exc, DatabaseError) and self._health.broken():
-                raise  # the batch transaction is broken: retry the whole batch
-            # This message's own row cannot be stored (PostgreSQL refuses \u0000 in JSON,
-            # for one). Its savepoint is rolled back; letting the error escape would fail
-            # every other message of the batch with it, delivery after delivery.
-            logger.warning(
-                "could not record the failure in the inbox: %s",
-                exc,
-                extra={"durable": self.durable, "stream_seq": item.message.stream_seq},
-            )
 
 
 @dataclass(frozen=True)
@@ -398,6 +394,7 @@ class _Pass:
     savepoints: bool
     defer: bool
     runs: _Runs = field(default_factory=_Runs)
+    groups: BatchGroups = field(default_factory=BatchGroups)  # the batch handlers' messages
 
 
 class _Unstorable(Exception):
@@ -406,17 +403,6 @@ class _Unstorable(Exception):
     def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-def _unavailable(error: BaseException) -> bool:
-    """Tell whether ``error`` says the database is unavailable rather than refusing the batch.
-
-    A lost connection, a lock or statement timeout, a serialisation failure or a deadlock are
-    ``OperationalError``s (``InterfaceError`` once the connection is closed): the batch waits
-    for the database and comes back whole. A bare ``DatabaseError`` (the driver could not
-    classify it) is taken as an outage too, which is what every ``DatabaseError`` was before.
-    """
-    return isinstance(error, (OperationalError, InterfaceError)) or type(error) is DatabaseError
 
 
 class _RedoWithSavepoints(Exception):
@@ -432,11 +418,52 @@ class _RedoWithSavepoints(Exception):
         self.error = error
 
 
-def _registered(registry: HandlerRegistry, item: _Item, config: BridgeConfig) -> Handler | None:
-    """The registry's handler for ``item``; its producer is read from the delivery subject."""
+def _record_applied(batch: _Pass, item: _Item) -> None:
+    """Record ``item`` as processed in the inbox (deferred to the flush when ``batch.defer``)."""
+    if batch.inbox is not None:
+        try:
+            _record(batch.inbox, item, InboxStatus.PROCESSED, defer=batch.defer)
+        except (DataError, UnicodeError) as exc:
+            # The database refuses its row (a value longer than a custom column, a header
+            # PostgreSQL's JSON cannot hold): malformed, it would fail on every delivery.
+            raise _Unstorable(exc) from exc
+
+
+def _record_failure(inbox: Inbox, item: _Item, error: str, health: TransactionHealth) -> None:
+    """Record ``item``'s failure in its own savepoint; a row that cannot be stored is logged."""
+    durable = inbox.consumer
+    try:
+        with transaction.atomic(using=inbox.manager.db):
+            _record(inbox, item, InboxStatus.FAILED, error)
+    except IntegrityError:
+        # Another worker recorded this event meanwhile; its row is the truth.
+        logger.info("inbox row recorded concurrently", extra={"durable": durable})
+    except (DatabaseError, UnicodeError) as exc:
+        if isinstance(exc, DatabaseError) and health.broken():
+            raise  # the batch transaction is broken: retry the whole batch
+        # Its own row cannot be stored (PostgreSQL refuses \u0000 in JSON): its savepoint
+        # rolled back; escaping, the error would fail every other message of the batch too.
+        logger.warning(
+            "could not record the failure in the inbox: %s",
+            exc,
+            extra={"durable": durable, "stream_seq": item.message.stream_seq},
+        )
+
+
+def _registered(
+    handler: Registration | None, registry: HandlerRegistry, item: _Item, config: BridgeConfig
+) -> tuple[Registration | None, str | None]:
+    """The handler for ``item`` (``handler``, or the registry's) and its producer.
+
+    The producer is read from the delivery subject, never from a header.
+    """
     assert item.event is not None
     producer = producer_of(item.message.subject, config.env, config.app_name)
-    return registry.resolve(item.event["resource_type"], item.event["event_type"], producer)
+    if handler is not None:
+        return handler, producer
+    return registry.lookup(
+        item.event["resource_type"], item.event["event_type"], producer
+    ), producer
 
 
 def _seen(
@@ -448,19 +475,6 @@ def _seen(
     return inbox.seen(
         [item.event["event_id"] for item in items if item.event],
         [(item.message.stream, item.message.stream_seq) for item in items],
-    )
-
-
-def _stored_message(row: Any, durable: str) -> ReceivedMessage:
-    """The inbox row ``row`` as the message it was received as (for a re-run)."""
-    return ReceivedMessage(
-        subject=row.subject,
-        data=json.dumps(row.payload).encode(),
-        headers=dict(getattr(row, "headers", None) or {}),
-        stream=getattr(row, "stream", None) or "",
-        stream_seq=getattr(row, "stream_seq", None) or 0,
-        deliveries=getattr(row, "deliveries", None) or 1,
-        consumer=durable,
     )
 
 

@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol, TypeVar
 from asgiref.sync import sync_to_async
 from django.db import transaction
 
-from . import fast_path, metrics
+from . import fast_path, metrics, otel
 from .broker import Connection, PubAck
 from .conf import get_config
 from .core.destinations import Requested, copy_id_problem, message_id, resolve
@@ -41,6 +41,7 @@ from .core.envelope import (
     storage_problem,
 )
 from .core.errors import InvalidEvent, PayloadTooLarge
+from .core.schemas import dump
 from .core.settings import BridgeConfig
 from .outbox import NewEvent, OutboxStore
 from .provision import publish_provisioned
@@ -106,8 +107,12 @@ class PreparedEvent:
         }
 
     async def publish(self, conn: Connection) -> PubAck:
-        """Publish on ``conn`` and return the stream's ack."""
-        ack = await conn.publish(self.subject, self.data, self.headers)
+        """Publish on ``conn`` and return the stream's ack.
+
+        With a trace context in the headers, in a PRODUCER span whose context is sent.
+        """
+        with otel.producing(self.config, self.subject, self.headers) as headers:
+            ack = await conn.publish(self.subject, self.data, headers)
         logger.debug(
             "event published",
             extra={**self.log_fields(), "stream_seq": ack.seq, "duplicate": ack.duplicate},
@@ -224,7 +229,7 @@ class _Request:
 
     resource_type: str
     event_type: str
-    payload: Mapping[str, Any]
+    payload: Mapping[str, Any] | object
     event_id: str | None
     trace_id: str | None
     occurred_at: datetime | str | None
@@ -249,7 +254,7 @@ class Publisher:
         *,
         resource_type: str,
         event_type: str,
-        payload: Mapping[str, Any],
+        payload: Mapping[str, Any] | object,
         event_id: str | None = None,
         trace_id: str | None = None,
         occurred_at: datetime | str | None = None,
@@ -262,6 +267,7 @@ class Publisher:
         ``destination`` is one peer of ``DESTINATION_APP``, several (a list), or None: every
         peer. A publish to one peer returns its ``PublishResult``, to several a
         ``FanOutResult``. A peer not in ``DESTINATION_APP`` raises ``UnknownDestination``.
+        ``payload`` may be a pydantic model (``model_dump(mode="json")``) or a dataclass.
         """
         request = _Request(
             resource_type,
@@ -290,7 +296,7 @@ class Publisher:
         *,
         resource_type: str,
         event_type: str,
-        payload: Mapping[str, Any],
+        payload: Mapping[str, Any] | object,
         event_id: str | None = None,
         trace_id: str | None = None,
         occurred_at: datetime | str | None = None,
@@ -334,9 +340,9 @@ class Publisher:
             producer=config.app_name,
             resource_type=request.resource_type,
             event_type=request.event_type,
-            payload=request.payload,
+            payload=dump(request.payload),  # a pydantic model or a dataclass: as JSON data
             event_id=request.event_id,
-            trace_id=request.trace_id,
+            trace_id=request.trace_id or otel.trace_id_of_current(config),
             occurred_at=request.occurred_at,
             resource_id=request.resource_id,
         )
@@ -353,6 +359,8 @@ class Publisher:
                 f"{limit}. Publish a reference (an id or URL) instead of the whole document."
             )
         headers = _checked_headers(request.headers)
+        # The active trace, as W3C headers stored with the row: the relay continues it too.
+        headers.update(otel.outgoing(config, headers))
         return tuple(
             PreparedEvent(
                 config,

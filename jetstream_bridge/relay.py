@@ -28,7 +28,7 @@ from typing import Any
 
 from django.db import close_old_connections, connections, transaction
 
-from . import metrics
+from . import metrics, otel
 from .broker import Connection, PubAck
 from .conf import get_config
 from .core.errors import NatsError
@@ -173,14 +173,21 @@ class Relay:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def _publish(self, rows: list[ClaimedRow]) -> concurrent.futures.Future[Results]:
-        items = [(row.subject, row.body, row.headers) for row in rows]
-
         async def job(conn: Connection) -> Results:
-            results = await conn.publish_many(items, max_in_flight=self.max_in_flight)
-            # A subject no stream captures yet (a publish-only service): AUTO_PROVISION.
-            return await republish_missing(
-                conn, self.config, items, results, max_in_flight=self.max_in_flight
-            )
+            # A row stored with a trace context is published in a PRODUCER span of its trace.
+            spans = otel.ProducerSpans(self.config)
+            items = [(row.subject, row.body, spans.start(row.subject, row.headers)) for row in rows]
+            try:
+                results = await conn.publish_many(items, max_in_flight=self.max_in_flight)
+                # A subject no stream captures yet (a publish-only service): AUTO_PROVISION.
+                results = await republish_missing(
+                    conn, self.config, items, results, max_in_flight=self.max_in_flight
+                )
+            except BaseException as exc:
+                spans.end([exc] * len(items))
+                raise
+            spans.end(results)
+            return results
 
         return get_runtime().submit(job)
 

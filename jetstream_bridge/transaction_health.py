@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from django.db import connections
+from django.db import DatabaseError, InterfaceError, OperationalError, connections
 
 _PG_TRANSACTION_INERROR = 3  # libpq PQTRANS_INERROR; PQTRANS_UNKNOWN (4) is worse
 
@@ -81,3 +81,14 @@ class TransactionHealth:
             return not connection.is_usable()
         except Exception:
             return True
+
+
+def database_unavailable(error: BaseException) -> bool:
+    """Tell whether ``error`` says the database is unavailable rather than refusing the batch.
+
+    A lost connection, a lock or statement timeout, a serialisation failure or a deadlock are
+    ``OperationalError``s (``InterfaceError`` once the connection is closed): the batch waits
+    for the database and comes back whole. A bare ``DatabaseError`` (the driver could not
+    classify it) is taken as an outage too, which is what every ``DatabaseError`` was before.
+    """
+    return isinstance(error, (OperationalError, InterfaceError)) or type(error) is DatabaseError

@@ -91,3 +91,9 @@ LOGGING = {
     "loggers": {"jetstream_bridge": {"handlers": ["console"], "level": "INFO"}},
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+if os.environ.get("JSB_OTEL_SPANS_FILE"):
+    # A worker subprocess of tests/integration/test_otel.py: export its spans to that file.
+    from tests.otel_spans import export_to_file
+
+    export_to_file(os.environ["JSB_OTEL_SPANS_FILE"])

@@ -31,7 +31,13 @@ logger = logging.getLogger("jetstream_bridge.admin")
 
 T = TypeVar("T")
 
-KNOWN_REASONS = (core_dlq.MAX_DELIVER, core_dlq.MALFORMED, core_dlq.REJECTED, core_dlq.NO_HANDLER)
+KNOWN_REASONS = (
+    core_dlq.MAX_DELIVER,
+    core_dlq.MALFORMED,
+    core_dlq.REJECTED,
+    core_dlq.NO_HANDLER,
+    core_dlq.INVALID,
+)
 
 # verification -> (badge tone, label, explanation)
 VERIFICATION = {

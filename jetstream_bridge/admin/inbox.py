@@ -115,6 +115,8 @@ class InboxEventAdmin(EventAdmin):
             except self.model.DoesNotExist:
                 skipped += 1
                 continue
+            # Nothing is settled, but the middleware's observers hear how it ended (tracing).
+            processor.chain.settled(outcome.message, outcome.settled_as, config)
             if outcome.verdict is Verdict.ACK and outcome.duplicate:
                 skipped += 1
             elif outcome.verdict is Verdict.ACK:

@@ -34,6 +34,8 @@ DELIVERIES = f"{PREFIX}Deliveries"
 CONSUMER = f"{PREFIX}Consumer"
 FAILED_AT = f"{PREFIX}Failed-At"
 EVENT_ID = f"{PREFIX}Event-Id"
+# Reason ``invalid``: the schema's errors, ASCII JSON (``core.schemas.errors_header``).
+VALIDATION_ERRORS = f"{PREFIX}Validation-Errors"
 SIGNATURE = f"{PREFIX}Signature"  # HMAC-SHA256 of the letter, when DLQ_SIGNING_KEY is set
 REPLAY_OF = f"{PREFIX}Replay-Of"  # set on a replayed message: the DLQ sequence it came from
 REPLAY_FOR = f"{PREFIX}Replay-For"  # on a targeted replay: the one durable that handles it
@@ -44,6 +46,7 @@ MALFORMED = "malformed"  # not an envelope: never retried
 REJECTED = "rejected"  # the handler raised RejectMessage
 NO_HANDLER = "no_handler"  # nothing is registered for this resource/event type
 MAX_DELIVER = "max_deliver"  # the last allowed delivery failed
+INVALID = "invalid"  # the payload does not validate against its handler's schema
 
 # Whether a stored letter is one this bridge wrote.
 VERIFIED = "verified"  # its signature matches the configured key
@@ -117,6 +120,9 @@ def sign(headers: Mapping[str, str], body: bytes, key: bytes) -> str:
     # JSON makes the encoding unambiguous (a missing header is null, not ""); values are
     # stripped as the wire strips them, so what is read back verifies.
     signed = {name: _stripped(headers.get(name)) for name in SIGNED_HEADERS}
+    if VALIDATION_ERRORS in headers:
+        # Signed when present only, so letters written before it existed still verify.
+        signed[VALIDATION_ERRORS] = _stripped(headers[VALIDATION_ERRORS])
     canonical = json.dumps(
         [SIGNATURE_VERSION, signed, hashlib.sha256(body).hexdigest()],
         ensure_ascii=True,
@@ -215,6 +221,7 @@ class DeadLetter:
     deliveries: int
     consumer: str
     event_id: str | None = None
+    validation_errors: str | None = None
 
     def headers(
         self, body: bytes = b"", *, key: bytes | None = None, now: datetime | None = None
@@ -235,6 +242,8 @@ class DeadLetter:
         }
         if self.event_id:
             headers[EVENT_ID] = _header_value(self.event_id)
+        if self.validation_errors:
+            headers[VALIDATION_ERRORS] = _header_value(self.validation_errors)[:MAX_ERROR_LENGTH]
         if key:
             headers[SIGNATURE] = sign(headers, body, key)
         return headers

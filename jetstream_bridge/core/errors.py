@@ -46,6 +46,20 @@ class RejectMessage(JetStreamBridgeError):
     """Raise from a handler to dead-letter the message at once instead of retrying it."""
 
 
+class InvalidPayload(JetStreamBridgeError):
+    """A payload does not validate against its handler's schema: dead-lettered as ``invalid``.
+
+    ``errors`` lists ``{"loc": field, "msg": why}``; they quote hostile input.
+    """
+
+    def __init__(self, schema: str, errors: list[dict[str, str]]) -> None:
+        summary = "; ".join(f"{e['loc'] or '(payload)'}: {e['msg']}" for e in errors[:5])
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        super().__init__(f"payload does not validate as {schema}: {summary}{more}")
+        self.schema = schema
+        self.errors = errors
+
+
 class NatsError(JetStreamBridgeError):
     """Talking to NATS failed."""
 

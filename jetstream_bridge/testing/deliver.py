@@ -15,14 +15,15 @@ consumer would do with the message.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..conf import get_config
 from ..core import dead_letter
 from ..core.envelope import MSG_ID_HEADER, encode
-from ..handlers import Handler, HandlerRegistry, autodiscover, registry
+from ..handlers import Handler, HandlerRegistry, Registration, autodiscover, registry
+from ..middleware import Middleware
 from ..processing import BatchProcessor, ReceivedMessage, Verdict
 
 DURABLE = "tests"
@@ -56,7 +57,7 @@ class DeliveryResult:
 
 def deliver(  # noqa: PLR0913 (public test helper, keyword-only knobs)
     message: Mapping[str, Any] | bytes,
-    handler: Handler | None = None,
+    handler: Handler | Registration | None = None,
     *,
     deliveries: int = 1,
     durable: str = DURABLE,
@@ -64,10 +65,14 @@ def deliver(  # noqa: PLR0913 (public test helper, keyword-only knobs)
     headers: Mapping[str, str] | None = None,
     using: str | None = None,
     handlers: HandlerRegistry = registry,
+    middleware: Iterable[Middleware] = (),
 ) -> DeliveryResult:
     """Deliver ``message`` (an envelope, or raw bytes) as its ``deliveries``-th delivery.
 
-    Without ``handler`` the registered handlers decide, as in ``jetstream_consume``.
+    Without ``handler`` the registered handlers decide, as in ``jetstream_consume``. A
+    ``context=True`` or ``schema=`` handler gets its ``MessageContext``, and the middleware
+    (the ``MIDDLEWARE`` setting's, ``use()``'s, then ``middleware``) runs around it, as in a
+    consumer.
     """
     config = get_config()
     data = message if isinstance(message, bytes) else encode(message)
@@ -86,9 +91,16 @@ def deliver(  # noqa: PLR0913 (public test helper, keyword-only knobs)
         consumer=durable,
     )
     processor = BatchProcessor(
-        durable=durable, handler=handler, registry=handlers, using=using, config=config
+        durable=durable,
+        handler=handler,
+        registry=handlers,
+        using=using,
+        config=config,
+        middleware=middleware,
     )
     outcome = processor.process_message(received)
+    # Nothing is settled, but the middleware's observers hear what the consumer would do.
+    processor.chain.settled(received, outcome.settled_as, config)
     return DeliveryResult(
         verdict=outcome.verdict.value,
         duplicate=outcome.duplicate,

@@ -78,6 +78,8 @@ class BridgeConfig:
     outbox_ordering: bool = False
     outbox_fast_path: bool = True
     handler_savepoints: str = "on_failure"
+    middleware: tuple[str, ...] = ()
+    otel_tracing: bool = True
     # The keys the user gave (in JETSTREAM_BRIDGE or through their environment variable), as
     # opposed to defaults: a stream limit left unset is not enforced on an existing stream.
     explicit: frozenset[str] = frozenset()

@@ -20,6 +20,7 @@ from ..subjects import is_reserved, subject_problem, token_problem
 from .problems import (
     BAD_BOOLEAN,
     BAD_CHOICE,
+    BAD_DOTTED_PATH,
     BAD_DURATION,
     BAD_NUMBER,
     BAD_STREAM_OR_SUBJECT,
@@ -255,6 +256,40 @@ class Text(Kind):
             )
             return None
         return value
+
+
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
+
+
+class DottedPaths(Kind):
+    """Python dotted paths (``myapp.middleware.report_errors``), a list or comma-separated.
+
+    Only their shape is checked here; the code is imported when a consumer starts.
+    """
+
+    is_list = True
+
+    def parse(self, field: Field, problems: list[Problem]) -> Any:
+        key, value = field.key, field.value
+        if value is None or value == "":
+            return ()
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",")]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        good: list[str] = []
+        for item in value:
+            if isinstance(item, str) and _DOTTED.fullmatch(item):
+                good.append(item)
+                continue
+            problems.append(
+                BAD_DOTTED_PATH.problem(
+                    key,
+                    f"JETSTREAM_BRIDGE[{key!r}] has {item!r}, which is not a dotted path.",
+                    f"Name importable callables, e.g. {key!r}: ['myapp.middleware.report_errors'].",
+                )
+            )
+        return tuple(good)
 
 
 class SecretText(Kind):

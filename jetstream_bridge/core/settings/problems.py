@@ -72,6 +72,7 @@ MODEL_MISSING_FIELDS = Check("E013", "custom model missing required fields")
 # E014 also covers a TLS certificate without its key.
 AUTH_CONFLICT = Check("E014", "conflicting authentication")
 DUPLICATE_WINDOW_TOO_SHORT = Check("E015", "duplicate window not longer than the relay lease")
+BAD_DOTTED_PATH = Check("E016", "`MIDDLEWARE` entry not a dotted path")
 SAME_APP_AND_DESTINATION = Check("W001", "`APP_NAME` equals `DESTINATION_APP`")
 DLQ_LIMITS_UNUSED = Check("W002", "DLQ limits set while the DLQ shares the events' stream")
 
@@ -91,6 +92,7 @@ CHECKS: tuple[Check, ...] = (
     MODEL_MISSING_FIELDS,
     AUTH_CONFLICT,
     DUPLICATE_WINDOW_TOO_SHORT,
+    BAD_DOTTED_PATH,
     SAME_APP_AND_DESTINATION,
     DLQ_LIMITS_UNUSED,
 )

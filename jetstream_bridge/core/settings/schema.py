@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..subjects import dlq_subject, stream_name
+from .derived import DEFAULT_ENV, FollowsEnv, FollowsStreamName, dlq_stream_name
 from .kinds import (
     Boolean,
     Choice,
+    DottedPaths,
     Duration,
     Durations,
     Field,
@@ -34,42 +36,6 @@ from .kinds import (
     Urls,
 )
 from .problems import UNKNOWN_KEY, Problem
-
-DEFAULT_ENV = "development"
-
-
-@dataclass(frozen=True)
-class FollowsEnv:
-    """A default computed from the parsed ``ENV``, such as the stream name."""
-
-    derive: Callable[[str], str]
-
-    def resolve(self, values: Mapping[str, Any]) -> str:
-        # An invalid ENV parses to "": fall back to the default env, as the subjects do not
-        # matter then (the config is rejected) but the messages should still read well.
-        return self.derive(values.get("env") or DEFAULT_ENV)
-
-    @property
-    def shown(self) -> str:
-        """Return the default as the README writes it, e.g. ``{ENV}.data.sync.dlq``."""
-        return self.derive("{ENV}")
-
-
-@dataclass(frozen=True)
-class FollowsStreamName(FollowsEnv):
-    """A default computed from the parsed ``STREAM_NAME`` (which itself follows ``ENV``)."""
-
-    def resolve(self, values: Mapping[str, Any]) -> str:
-        base = values.get("stream_name") or stream_name(values.get("env") or DEFAULT_ENV)
-        return self.derive(base)
-
-    @property
-    def shown(self) -> str:
-        return self.derive("{STREAM_NAME}")
-
-
-def dlq_stream_name(stream: str) -> str:
-    return f"{stream}-dlq"
 
 
 @dataclass(frozen=True)
@@ -440,6 +406,18 @@ SETTINGS: tuple[Setting, ...] = (
         "writes applied once**; `always` costs two more round trips per message and no handler "
         "runs twice in a batch. Either way, side effects outside the database must tolerate "
         "reruns (delivery is at-least-once)",
+    ),
+    Setting(
+        key="MIDDLEWARE",
+        kind=DottedPaths(),
+        default=(),
+        doc="dotted paths of middleware around every handler call, the first outermost",
+    ),
+    Setting(
+        key="OTEL_TRACING",
+        kind=Boolean(),
+        default=True,
+        doc="trace publishes and handlers with OpenTelemetry (when the `otel` extra is installed)",
     ),
 )
 

@@ -24,7 +24,7 @@ def parse_seqs(values: Iterable[str | int] | None) -> frozenset[int]:
 
 
 def _filters(parser: ArgumentParser) -> None:
-    parser.add_argument("--reason", help="only this reason (malformed, rejected, ...)")
+    parser.add_argument("--reason", help="only this reason (malformed, rejected, invalid, ...)")
     parser.add_argument("--consumer", help="only messages dead-lettered by this durable")
     parser.add_argument(
         "--seq", action="append", default=[], help="only this DLQ sequence (repeatable)"
