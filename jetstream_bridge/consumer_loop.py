@@ -301,29 +301,27 @@ class PeerLoop:
     async def _settle_one(self, conn: Connection, delivery: Delivery, outcome: Outcome) -> str:
         if outcome.verdict is Verdict.ACK:
             await delivery.ack()
+            settled = outcome.settled_as  # processed, duplicate or skipped
+            self._count(settled)
             if outcome.skipped:
-                settled = "skipped"
-                self.stats.skipped += 1
-                metrics.consumed(self.durable, "skipped")
-                logger.info("acked a replay for another durable", extra=_seq(delivery))
-            elif outcome.duplicate:
-                settled = "duplicate"
-                self.stats.duplicates += 1
-                metrics.consumed(self.durable, "duplicate")
-            else:
-                settled = "processed"
-                self.stats.processed += 1
-                metrics.consumed(self.durable, "processed")
-        elif outcome.verdict is Verdict.RETRY:
-            settled = await self._retry(delivery, outcome.delay)
-        else:
-            settled = await self._dead_letter(conn, delivery, outcome)
-        return settled
+                logger.info(
+                    "acked a replay for another durable",
+                    extra={"stream_seq": delivery.stream_seq},
+                )
+            return settled
+        if outcome.verdict is Verdict.RETRY:
+            return await self._retry(delivery, outcome.delay)
+        return await self._dead_letter(conn, delivery, outcome)
+
+    def _count(self, settled: str) -> None:
+        """Count an acked or retried message in the stats and the ``consumed`` metric."""
+        field_name = "duplicates" if settled == "duplicate" else settled
+        setattr(self.stats, field_name, getattr(self.stats, field_name) + 1)
+        metrics.consumed(self.durable, settled)
 
     async def _retry(self, delivery: Delivery, delay: float) -> str:
         await delivery.nak(delay)
-        self.stats.retried += 1
-        metrics.consumed(self.durable, "retried")
+        self._count("retried")
         return "retried"
 
     async def _dead_letter(self, conn: Connection, delivery: Delivery, outcome: Outcome) -> str:
@@ -374,7 +372,3 @@ def _fields(message: ReceivedMessage, dead: dead_letter.DeadLetter) -> dict[str,
         "consumer": dead.consumer,
         "event_id": dead.event_id,
     }
-
-
-def _seq(delivery: Delivery) -> dict[str, Any]:
-    return {"stream_seq": delivery.stream_seq}
