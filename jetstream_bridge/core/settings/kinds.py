@@ -78,6 +78,16 @@ class Token(Kind):
         return str(value)
 
 
+def _items(value: Any) -> list[Any]:
+    """What a list setting holds: a comma-separated string split and stripped, a list or tuple
+    as is, anything else as its one item (for the caller to report)."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",")]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
 class Tokens(Kind):
     """One or several subject tokens, written as a string, a comma-separated string or a list.
 
@@ -90,12 +100,8 @@ class Tokens(Kind):
         key, value = field.key, field.value
         if value is None or value == "":
             return ()
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",")]
-        if not isinstance(value, (list, tuple)):
-            value = [value]
         good: list[str] = []
-        for item in value:
+        for item in _items(value):
             problem = token_problem(item)
             if problem is None and item in good:
                 problem = "is listed twice"
@@ -273,12 +279,8 @@ class DottedPaths(Kind):
         key, value = field.key, field.value
         if value is None or value == "":
             return ()
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",")]
-        if not isinstance(value, (list, tuple)):
-            value = [value]
         good: list[str] = []
-        for item in value:
+        for item in _items(value):
             if isinstance(item, str) and _DOTTED.fullmatch(item):
                 good.append(item)
                 continue
@@ -323,12 +325,8 @@ class Urls(Kind):
 
     def parse(self, field: Field, problems: list[Problem]) -> Any:
         key, value = field.key, field.value
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",")]
-        if not isinstance(value, (list, tuple)) or not value:
-            value = [value]
         good: list[str] = []
-        for url in value:
+        for url in _items(value) or [value]:  # an empty list is reported, not accepted
             if _is_server_url(url):
                 good.append(url)
                 continue
